@@ -1,0 +1,30 @@
+"""Pure-functional quantizers: no Flax, no model knowledge; jit/vmap/grad-able."""
+
+from apiq_jax.quant.blockwise import (
+    BlockQuantized,
+    DoubleQuantized,
+    absmax_dequantize_int8,
+    absmax_quantize_int8,
+    blockwise_dequantize,
+    blockwise_quantize,
+    double_dequantize,
+    double_quantize,
+    zeropoint_dequantize_int8,
+    zeropoint_quantize_int8,
+)
+from apiq_jax.quant.config import QuantConfig
+from apiq_jax.quant.groups import from_groups, num_groups, to_groups
+from apiq_jax.quant.normalfloat import NF4_QLORA, nf_codebook
+from apiq_jax.quant.packing import pack_codes, packed_words, unpack_codes
+from apiq_jax.quant.ste import clip_inclusive, round_ste
+from apiq_jax.quant.tensor import QuantizedTensor, bits_per_param, dequantize, quantize
+from apiq_jax.quant.uniform import GroupParams, clip_shape, fake_quantize, group_params, init_clip
+
+__all__ = [
+    "BlockQuantized", "DoubleQuantized", "GroupParams", "NF4_QLORA", "QuantConfig", "QuantizedTensor",
+    "absmax_dequantize_int8", "absmax_quantize_int8", "bits_per_param", "blockwise_dequantize",
+    "blockwise_quantize", "clip_inclusive", "clip_shape", "dequantize", "double_dequantize",
+    "double_quantize", "fake_quantize", "from_groups", "group_params", "init_clip", "nf_codebook",
+    "num_groups", "pack_codes", "packed_words", "quantize", "round_ste", "to_groups", "unpack_codes",
+    "zeropoint_dequantize_int8", "zeropoint_quantize_int8",
+]

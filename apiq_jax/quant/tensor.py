@@ -1,0 +1,199 @@
+"""QuantizedTensor: bit-packed codes plus per-group constants, as a registered pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apiq_jax.quant.blockwise import DoubleQuantized, double_dequantize, double_quantize
+from apiq_jax.quant.config import QuantConfig
+from apiq_jax.quant.groups import from_groups, num_groups, to_groups
+from apiq_jax.quant.packing import PACK_MULTIPLE, pack_codes, unpack_codes
+from apiq_jax.quant.uniform import Clip, GroupParams, _check_weight, dequantize_groups, group_codes, group_params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight ``[N, K]`` quantized group-wise along ``K``.
+
+    Children (traced leaves):
+      codes: uint32 ``[N, K_pack * bits / 32]``, the layout of :mod:`apiq_jax.quant.packing`;
+        ``K_pack`` is ``n_groups * group_size`` rounded up to a multiple of 32.
+      scales: ``[N, n_groups]`` in the config's scale dtype, or a :class:`DoubleQuantized`.
+      zeros: for "asym", int16 ``[N, n_groups]`` (exact for the reference's [-1e4, 1e4]
+        range); with double quantization the zero points are clamped to the code range
+        and bit-packed like the codes. ``None`` for "sym" (constant ``2^(b-1)-1``) and "nf".
+    Static aux data: logical ``shape``, the :class:`QuantConfig`, the dequantized ``dtype``.
+    """
+
+    codes: jnp.ndarray
+    scales: Any
+    zeros: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    config: QuantConfig = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def scheme(self) -> str:
+        return self.config.scheme
+
+    @property
+    def double_quant(self) -> bool:
+        return self.config.double_quant
+
+    @property
+    def group_size(self) -> int:
+        """Resolved group size (``K`` when the config says one group per row)."""
+        return self.config.resolve_group_size(self.shape[-1])
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.shape[-1], self.group_size)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dense_scales(self) -> jnp.ndarray:
+        """Scales as float32 ``[..., n_groups]`` (double quantization undone)."""
+        if isinstance(self.scales, DoubleQuantized):
+            return double_dequantize(self.scales)
+        return self.scales.astype(jnp.float32)
+
+    def dense_zeros(self) -> jnp.ndarray:
+        """Zero points as float32 ``[..., n_groups]`` (constants for "sym", 0 for "nf")."""
+        lead = self.shape[:-1]
+        if self.scheme == "sym":
+            return jnp.full((*lead, self.n_groups), 2 ** (self.bits - 1) - 1, jnp.float32)
+        if self.scheme == "nf":
+            return jnp.zeros((*lead, self.n_groups), jnp.float32)
+        if self.zeros.dtype == jnp.uint32:  # double-quant layout: packed b-bit zero points
+            return unpack_codes(self.zeros, self.bits)[..., : self.n_groups].astype(jnp.float32)
+        return self.zeros.astype(jnp.float32)
+
+    def unpacked_codes(self) -> jnp.ndarray:
+        """Integer codes ``[..., n_groups * group_size]`` (padding included, packing removed)."""
+        return unpack_codes(self.codes, self.bits)[..., : self.n_groups * self.group_size]
+
+    # --- serialization -------------------------------------------------------------------
+    def to_state_dict(self) -> dict[str, np.ndarray]:
+        """Flat name -> numpy array mapping of every stored array (for safetensors)."""
+        out = {"codes": np.asarray(self.codes)}
+        if isinstance(self.scales, DoubleQuantized):
+            out.update(
+                {"scales.codes": np.asarray(self.scales.codes),
+                 "scales.absmax": np.asarray(self.scales.absmax),
+                 "scales.mean": np.asarray(self.scales.mean).reshape(1)}
+            )
+        else:
+            out["scales"] = np.asarray(self.scales)
+        if self.zeros is not None:
+            out["zeros"] = np.asarray(self.zeros)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able static data needed to rebuild the tensor with :meth:`from_state_dict`."""
+        return {"shape": list(self.shape), "dtype": self.dtype, "config": dataclasses.asdict(self.config)}
+
+    @classmethod
+    def from_state_dict(cls, arrays: dict[str, Any], metadata: dict[str, Any]) -> "QuantizedTensor":
+        """Inverse of :meth:`to_state_dict` + :meth:`metadata`."""
+        cfg = QuantConfig(**metadata["config"])
+        shape = tuple(int(s) for s in metadata["shape"])
+        if "scales.codes" in arrays:
+            n_groups = num_groups(shape[-1], cfg.resolve_group_size(shape[-1]))
+            scales: Any = DoubleQuantized(
+                jnp.asarray(arrays["scales.codes"]), jnp.asarray(arrays["scales.absmax"]),
+                jnp.asarray(arrays["scales.mean"]).reshape(()), (*shape[:-1], n_groups), cfg.dq_block_size,
+            )
+        else:
+            scales = jnp.asarray(arrays["scales"])
+        zeros = jnp.asarray(arrays["zeros"]) if "zeros" in arrays else None
+        return cls(jnp.asarray(arrays["codes"]), scales, zeros, shape, cfg, metadata["dtype"])
+
+
+def _pad_to_pack(codes: jnp.ndarray) -> jnp.ndarray:
+    pad = (-codes.shape[-1]) % PACK_MULTIPLE
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    return codes
+
+
+def _check_finite(w: jnp.ndarray) -> None:
+    if isinstance(w, jax.core.Tracer):
+        return  # values unknown while tracing; callers under jit validate beforehand
+    bad = ~np.isfinite(np.asarray(w, dtype=np.float32))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"weight contains {int(bad.sum())} non-finite value(s) (first at index {idx}: "
+            f"{np.asarray(w)[idx]}); quantization needs finite weights"
+        )
+
+
+def quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: Clip | None = None) -> QuantizedTensor:
+    """Quantize a 2-D weight ``[N, K]`` group-wise along ``K`` into bit-packed storage.
+
+    Without double quantization ``dequantize(quantize(w, cfg, clip=c))`` equals
+    ``fake_quantize(w, cfg, clip=c)`` exactly. With it, the scales are stored in 8 bits
+    and the codes are chosen against the stored (double-dequantized) scales.
+    Raises ValueError for non-2-D or non-finite weights and wrongly shaped clip logits.
+    """
+    if getattr(w, "ndim", None) != 2:
+        raise ValueError(
+            f"quantize expects a 2-D weight [out, in], got shape {getattr(w, 'shape', None)}; "
+            "use fake_quantize or jax.vmap for other ranks"
+        )
+    _check_weight(w, cfg, clip)
+    _check_finite(w)
+    k = w.shape[-1]
+    gs = cfg.resolve_group_size(k)
+    groups = jax.lax.stop_gradient(to_groups(w, gs))
+    params = group_params(groups, cfg, None if clip is None else jax.tree.map(jax.lax.stop_gradient, clip))
+    scales: Any
+    zeros: Any = None
+    if cfg.double_quant:
+        scales = double_quantize(params.scale[..., 0], cfg.dq_block_size)
+        stored_scale = double_dequantize(scales)[..., None]
+        zero = jnp.clip(params.zero, 0, cfg.qmax) if cfg.scheme == "asym" else params.zero
+        params = GroupParams(stored_scale, zero)
+        if cfg.scheme == "asym":
+            zeros = pack_codes(_pad_to_pack(zero[..., 0].astype(jnp.uint32)), cfg.bits)
+    else:
+        scales = params.scale[..., 0].astype(cfg.jnp_scale_dtype)
+        if cfg.scheme == "asym":
+            zeros = params.zero[..., 0].astype(jnp.int16)
+    codes = group_codes(groups, params, cfg).astype(jnp.uint32)
+    flat = codes.reshape(*codes.shape[:-2], -1)
+    packed = pack_codes(_pad_to_pack(flat), cfg.bits)
+    return QuantizedTensor(packed, scales, zeros, tuple(w.shape), cfg, jnp.dtype(w.dtype).name)
+
+
+def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
+    """The dense weight ``[N, K]`` (in ``qt.dtype``) that ``qt`` stores."""
+    lead, k = qt.shape[:-1], qt.shape[-1]
+    codes = qt.unpacked_codes().astype(jnp.float32).reshape(*lead, qt.n_groups, qt.group_size)
+    params = GroupParams(qt.dense_scales()[..., None], qt.dense_zeros()[..., None])
+    return from_groups(dequantize_groups(codes, params, qt.config), k).astype(qt.dtype)
+
+
+def bits_per_param(qt: QuantizedTensor) -> float:
+    """Every stored bit (packed codes incl. padding, scales, zeros, nested constants) per weight."""
+    bits = qt.codes.size * 32
+    if isinstance(qt.scales, DoubleQuantized):
+        bits += qt.scales.storage_bits()
+    else:
+        bits += qt.scales.size * jnp.dtype(qt.scales.dtype).itemsize * 8
+    if qt.zeros is not None:
+        bits += qt.zeros.size * jnp.dtype(qt.zeros.dtype).itemsize * 8
+    return bits / math.prod(qt.shape)
