@@ -66,6 +66,18 @@ def _check_weight(w: jnp.ndarray, cfg: QuantConfig, clip: Clip | None) -> None:
                 )
 
 
+def true_divide(x: jnp.ndarray, d) -> jnp.ndarray:
+    """``x / d`` as an IEEE division per element, also under jit.
+
+    XLA's algebraic simplifier rewrites ``x / broadcast(d)`` into
+    ``x * broadcast(1 / d)``, which is up to 1 ulp off and flips rounding ties relative to
+    the reference. Broadcasting ``d`` to ``x``'s shape behind an optimization barrier
+    keeps the true division.
+    """
+    d = jnp.broadcast_to(jnp.asarray(d, x.dtype), x.shape)
+    return x / jax.lax.optimization_barrier(d)
+
+
 def group_params(groups: jnp.ndarray, cfg: QuantConfig, clip: Clip | None = None) -> GroupParams:
     """Scale and zero point of every group of ``groups`` ``[..., n_groups, gs]`` (float32).
 
@@ -80,14 +92,14 @@ def group_params(groups: jnp.ndarray, cfg: QuantConfig, clip: Clip | None = None
         xmax = jax.nn.sigmoid(gamma.astype(jnp.float32))[..., None] * xmax
         xmin = jax.nn.sigmoid(beta.astype(jnp.float32))[..., None] * xmin
     if cfg.scheme == "asym":
-        scale = clip_inclusive((xmax - xmin) / cfg.qmax, SCALE_MIN, SCALE_MAX)
+        scale = clip_inclusive(true_divide(xmax - xmin, cfg.qmax), SCALE_MIN, SCALE_MAX)
         scale = _to_storage(scale, cfg)
         zero = jax.lax.stop_gradient(
-            jnp.round(clip_inclusive(-xmin / scale, -ZERO_LIMIT, ZERO_LIMIT))
+            jnp.round(clip_inclusive(true_divide(-xmin, scale), -ZERO_LIMIT, ZERO_LIMIT))
         )
     elif cfg.scheme == "sym":
         absmax = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
-        scale = clip_inclusive(absmax / (2 ** (cfg.bits - 1) - 1), SCALE_MIN, SCALE_MAX)
+        scale = clip_inclusive(true_divide(absmax, 2 ** (cfg.bits - 1) - 1), SCALE_MIN, SCALE_MAX)
         scale = _to_storage(scale, cfg)
         zero = jnp.full_like(scale, 2 ** (cfg.bits - 1) - 1)
     else:  # nf: absmax scale, no zero point
@@ -108,9 +120,9 @@ def group_codes(groups: jnp.ndarray, params: GroupParams, cfg: QuantConfig) -> j
     if cfg.scheme == "nf":
         book = jnp.asarray(nf_codebook(cfg.bits))
         safe = jnp.where(params.scale == 0, 1.0, params.scale)
-        v = jax.lax.stop_gradient(g / safe)
+        v = jax.lax.stop_gradient(true_divide(g, safe))
         return jnp.argmin(jnp.abs(v[..., None] - book), axis=-1).astype(jnp.float32)
-    return clip_inclusive(round_ste(g / params.scale) + params.zero, 0.0, float(cfg.qmax))
+    return clip_inclusive(round_ste(true_divide(g, params.scale)) + params.zero, 0.0, float(cfg.qmax))
 
 
 def dequantize_groups(codes: jnp.ndarray, params: GroupParams, cfg: QuantConfig) -> jnp.ndarray:
@@ -142,7 +154,7 @@ def fake_quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: Clip | None = None)
         codes = group_codes(groups, params, cfg)
         book = jnp.asarray(nf_codebook(cfg.bits))
         safe = jnp.where(params.scale == 0, 1.0, params.scale)
-        v = groups.astype(jnp.float32) / safe
+        v = true_divide(groups.astype(jnp.float32), safe)
         # Forward value is exactly codebook[q] * s (v - sg(v) == 0); backward is identity in v.
         w_hat = (book[codes.astype(jnp.int32)] + (v - jax.lax.stop_gradient(v))) * params.scale
     else:
