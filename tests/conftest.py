@@ -3,8 +3,9 @@
 Tests that need the project's shared data (golden vectors from the reference PyTorch
 implementations, the stories260K checkpoint and its token arrays) find it at
 ``$APIQ_SHARED`` or, by default, the ``shared`` folder beside the repository checkout.
-Where it is absent (a user's machine) those tests skip with the reason; CI sets
-``APIQ_REQUIRE_SHARED=1`` so a missing folder is a failure there, never a skip.
+Where the whole folder is absent (a user's machine) those tests skip with the reason;
+a folder that exists but lacks a file fails loudly, and CI sets ``APIQ_REQUIRE_SHARED=1``
+so a missing folder is a failure there, never a skip.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ def _shared_root() -> Path:
 
 def require_shared(*parts: str) -> Path:
     """Return a path under the shared folder, or skip (fail under CI) when it is missing."""
-    path = _shared_root().joinpath(*parts)
+    root = _shared_root()
+    path = root.joinpath(*parts)
     if not path.exists():
         msg = (
             f"shared test data not found: {path} (set APIQ_SHARED to the folder holding "
             "golden/, models/ and data/)"
         )
-        if os.environ.get("APIQ_REQUIRE_SHARED") == "1":
+        # A shared folder that exists but lacks a file is a broken setup: fail loudly.
+        # Only a machine with no shared folder at all (a user's checkout) skips.
+        if root.exists() or os.environ.get("APIQ_REQUIRE_SHARED") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
     return path
