@@ -1,0 +1,262 @@
+"""Evaluation: perplexity (DESIGN.md protocol and a row-wise variant) and activation error.
+
+Protocols:
+
+* :func:`perplexity` — concatenate the evaluation text once, tokenize it, cut the ids into
+  non-overlapping windows of ``seqlen`` tokens (the tail is dropped), take the mean
+  next-token NLL over all windows, exponentiate.
+* :func:`perplexity_ids` — token ids ``[n, seqlen]`` (or 1-D, windowed as above): each row
+  is scored on its own (NLL of ``row[1:]`` given ``row[:-1]``), the mean is over all
+  predicted tokens.
+* :func:`activation_errors` — per decoder block ``||x_fp - x_q||^2 / ||x_fp||^2`` of the
+  block outputs of a full-precision and a quantized model on the same ids.
+
+A "model" argument is a :class:`~apiq_jax.models.LlamaForCausalLM` or a params pytree
+(dense or ``frozen`` with QuantizedTensor leaves) together with ``config=``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import LlamaForCausalLM, block_outputs_jit, forward
+
+__all__ = [
+    "PerplexityResult", "activation_errors", "block_outputs", "nll_sums", "perplexity",
+    "perplexity_ids", "relative_error", "text_to_windows", "windows",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    """Outcome of a perplexity run; ``float(result)`` is the perplexity.
+
+    Attributes:
+      perplexity: ``exp(mean_nll)``.
+      mean_nll: mean next-token negative log-likelihood (nats).
+      tokens: number of predicted tokens averaged over.
+      windows: number of rows / windows scored.
+      seqlen: tokens per row.
+      seconds: wall time of the scoring (compilation included).
+    """
+
+    perplexity: float
+    mean_nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    seconds: float
+
+    def __float__(self) -> float:
+        return self.perplexity
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of all fields."""
+        return dataclasses.asdict(self)
+
+
+def _resolve(model: Any, config: ModelConfig | None) -> tuple[Mapping[str, Any], ModelConfig]:
+    if isinstance(model, LlamaForCausalLM):
+        return model.params, config or model.config
+    if config is None:
+        raise ValueError("config= is required when the model is given as a params pytree")
+    if not isinstance(model, Mapping):
+        raise ValueError(f"model must be a LlamaForCausalLM or a params dict, got {type(model).__name__}")
+    return model, config
+
+
+def windows(ids: Any, seqlen: int) -> np.ndarray:
+    """Cut 1-D ids into non-overlapping windows ``[n, seqlen]``; the tail is dropped.
+
+    Raises ValueError when fewer than ``seqlen`` ids are given or ``seqlen < 2``.
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"expected 1-D token ids, got shape {arr.shape}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
+        raise ValueError(f"seqlen={seqlen!r} must be an int >= 2")
+    n = arr.size // seqlen
+    if n == 0:
+        raise ValueError(f"only {arr.size} tokens, fewer than one window of seqlen={seqlen}")
+    return arr[: n * seqlen].reshape(n, seqlen)
+
+
+def text_to_windows(text: str, tokenizer: Any, seqlen: int) -> np.ndarray:
+    """Tokenize ``text`` once (with the tokenizer's special tokens, e.g. a leading BOS) and
+    cut it into windows ``[n, seqlen]`` (tail dropped)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    enc = tokenizer(text, add_special_tokens=True, verbose=False)
+    return windows(np.asarray(enc["input_ids"], dtype=np.int64), seqlen)
+
+
+def _check_ids(ids: Any, vocab_size: int) -> np.ndarray:
+    arr = np.asarray(ids)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"token ids must be [n, seqlen], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] < 2:
+        raise ValueError(f"need at least one row of >= 2 tokens, got shape {arr.shape}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        row = int(np.argwhere(arr == bad)[0][0])
+        raise ValueError(
+            f"token id {bad} (row {row}) is out of range for this model; accepted: 0 <= id < {vocab_size}"
+        )
+    return arr.astype(np.int32)
+
+
+@partial(jax.jit, static_argnames=("config",))
+def nll_sums(
+    params: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    ids: jnp.ndarray,
+    row_weight: jnp.ndarray,
+    config: ModelConfig,
+    lora_scale: float | jnp.ndarray = 1.0,
+) -> jnp.ndarray:
+    """Sum over rows (weighted by ``row_weight`` [b]) of the NLL of ``ids[:, 1:]`` given the prefix."""
+    logits = forward(params, lora, ids, config, lora_scale=lora_scale)[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.sum(nll.sum(axis=-1) * row_weight)
+
+
+def perplexity_ids(
+    model: Any,
+    ids: Any,
+    *,
+    config: ModelConfig | None = None,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float = 1.0,
+    batch_size: int = 8,
+    seqlen: int | None = None,
+) -> PerplexityResult:
+    """Row-wise perplexity of token ids ``[n, seqlen]``.
+
+    Each row is scored on its own: NLL of ``row[1:]`` given ``row[:-1]``; the mean is over
+    all ``n * (seqlen - 1)`` predicted tokens. 1-D ids are first cut into windows of
+    ``seqlen`` (required then). The last batch is padded with zero-weight rows so one
+    compiled shape serves every batch.
+    """
+    params, cfg = _resolve(model, config)
+    arr = np.asarray(ids)
+    if arr.ndim == 1:
+        if seqlen is None:
+            raise ValueError("1-D token ids need seqlen= to be cut into windows")
+        arr = windows(arr, seqlen)
+    elif seqlen is not None and arr.ndim == 2 and seqlen != arr.shape[1]:
+        raise ValueError(f"ids have rows of {arr.shape[1]} tokens but seqlen={seqlen}")
+    arr = _check_ids(arr, cfg.vocab_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    n, length = arr.shape
+    bs = min(batch_size, n)
+    start = time.perf_counter()
+    total = 0.0
+    for i in range(0, n, bs):
+        chunk = arr[i : i + bs]
+        weight = np.ones(bs, np.float32)
+        if chunk.shape[0] < bs:
+            weight[chunk.shape[0]:] = 0.0
+            chunk = np.concatenate([chunk, np.zeros((bs - chunk.shape[0], length), np.int32)])
+        total += float(nll_sums(params, lora, jnp.asarray(chunk), jnp.asarray(weight), cfg, lora_scale))
+    seconds = time.perf_counter() - start
+    tokens = n * (length - 1)
+    mean = total / tokens
+    return PerplexityResult(math.exp(mean), mean, tokens, n, length, seconds)
+
+
+def perplexity(
+    model: Any,
+    text: str,
+    tokenizer: Any,
+    *,
+    seqlen: int = 2048,
+    config: ModelConfig | None = None,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float = 1.0,
+    batch_size: int = 8,
+) -> PerplexityResult:
+    """Perplexity by the DESIGN.md protocol.
+
+    The text (already joined into one string, e.g. ``"\\n\\n".join(dataset["text"])``) is
+    tokenized once and cut into non-overlapping windows of ``seqlen`` tokens, the tail
+    dropped; the mean next-token NLL over all windows is exponentiated.
+    """
+    return perplexity_ids(
+        model, text_to_windows(text, tokenizer, seqlen), config=config, lora=lora,
+        lora_scale=lora_scale, batch_size=batch_size,
+    )
+
+
+def relative_error(x_fp: jnp.ndarray, x_q: jnp.ndarray) -> float:
+    """``||x_fp - x_q||^2 / ||x_fp||^2`` (float32 math)."""
+    a = jnp.asarray(x_fp, jnp.float32)
+    b = jnp.asarray(x_q, jnp.float32)
+    return float(jnp.sum((a - b) ** 2) / jnp.sum(a * a))
+
+
+def block_outputs(
+    model: Any,
+    ids: Any,
+    *,
+    config: ModelConfig | None = None,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float = 1.0,
+    attention_mask: Any = None,
+) -> list[jnp.ndarray]:
+    """Every decoder block's output hidden states ``[b, s, D]`` (jitted), in layer order.
+
+    The inputs of :func:`activation_errors`; the last entry, passed through
+    :func:`apiq_jax.models.final_logits`, gives the logits.
+    """
+    params, cfg = _resolve(model, config)
+    arr = _check_ids(ids, cfg.vocab_size)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    return block_outputs_jit(params, jnp.asarray(arr), cfg, lora=lora, lora_scale=lora_scale, attention_mask=mask)
+
+
+def activation_errors(
+    fp_model: Any,
+    q_model: Any,
+    ids: Any,
+    *,
+    config: ModelConfig | None = None,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float = 1.0,
+    batch_size: int = 8,
+) -> list[float]:
+    """Per-block relative activation error of ``q_model`` (with optional LoRA) vs ``fp_model``.
+
+    For block i: ``sum ||x_fp_i - x_q_i||^2 / sum ||x_fp_i||^2`` over all rows of ``ids``
+    ``[n, seqlen]``, where ``x_i`` is block i's output hidden state (see
+    :func:`apiq_jax.models.block_outputs`).
+    """
+    fp_params, cfg = _resolve(fp_model, config)
+    q_params, _ = _resolve(q_model, cfg)
+    arr = _check_ids(ids, cfg.vocab_size)
+    num = np.zeros(cfg.num_hidden_layers)
+    den = np.zeros(cfg.num_hidden_layers)
+    for i in range(0, arr.shape[0], batch_size):
+        chunk = jnp.asarray(arr[i : i + batch_size])
+        fp = block_outputs_jit(fp_params, chunk, cfg)
+        q = block_outputs_jit(q_params, chunk, cfg, lora=lora, lora_scale=lora_scale)
+        for j, (a, b) in enumerate(zip(fp, q)):
+            a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+            num[j] += float(jnp.sum((a32 - b32) ** 2))
+            den[j] += float(jnp.sum(a32 * a32))
+    return [float(x) for x in num / den]

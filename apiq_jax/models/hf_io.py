@@ -1,0 +1,307 @@
+"""Hugging Face checkpoint I/O: local HF directories in, HF directories out.
+
+Reading streams one tensor at a time through ``safetensors.safe_open`` (single file or
+sharded via ``model.safetensors.index.json``), converting each to the requested dtype as
+it goes, so no second full copy of the checkpoint is held. Writing produces
+``config.json`` + ``model.safetensors`` that ``transformers`` (PyTorch) loads directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import (
+    LlamaForCausalLM,
+    Params,
+    flatten_params,
+    is_quantized,
+    param_shapes,
+    unflatten_params,
+)
+from apiq_jax.quant import dequantize
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+# keys that HF checkpoints sometimes carry but that hold no learned parameters
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+# --- names --------------------------------------------------------------------------------
+def hf_name(name: str) -> str:
+    """Our flat parameter name -> the HF safetensors key (``"layers.0.q_proj"`` ->
+    ``"model.layers.0.self_attn.q_proj.weight"``)."""
+    if name == "embed_tokens":
+        return "model.embed_tokens.weight"
+    if name == "norm":
+        return "model.norm.weight"
+    if name == "lm_head":
+        return "lm_head.weight"
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "layers":
+        raise ValueError(f"not a model parameter name: {name!r}")
+    i, leaf = parts[1], parts[2]
+    suffix = "weight"
+    if leaf.endswith("_bias"):
+        leaf, suffix = leaf[: -len("_bias")], "bias"
+    if leaf in _ATTN:
+        return f"model.layers.{i}.self_attn.{leaf}.{suffix}"
+    if leaf in _MLP:
+        return f"model.layers.{i}.mlp.{leaf}.{suffix}"
+    return f"model.layers.{i}.{leaf}.weight"
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` or a numpy/jax dtype -> jnp dtype."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype={dtype!r} is not understood; accepted: {DTYPES}") from e
+    if dt.name not in DTYPES:
+        raise ValueError(f"dtype={dt.name!r} is not supported; accepted: {DTYPES}")
+    return dt
+
+
+# --- config and tokenizer -----------------------------------------------------------------
+def _check_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model directory not found: {p}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"expected a Hugging Face model directory, got a file: {p}")
+    return p
+
+
+def load_hf_config(path: str | os.PathLike) -> Any:
+    """``transformers.AutoConfig`` from ``path/config.json`` (local only)."""
+    from transformers import AutoConfig
+
+    p = _check_dir(path)
+    cfg_file = p / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found; a Hugging Face model directory needs a config.json")
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {cfg_file}: {e}") from e
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """:class:`ModelConfig` of the HF directory ``path`` (ValueError for unsupported models)."""
+    hf = load_hf_config(path)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: {e}") from e
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """``transformers.AutoTokenizer`` from the local directory ``path``."""
+    from transformers import AutoTokenizer
+
+    p = _check_dir(path)
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(
+            f"no tokenizer files in {p}; expected tokenizer.json (or tokenizer.model / vocab.json)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"cannot load the tokenizer from {p}: {e}") from e
+
+
+# --- weights ------------------------------------------------------------------------------
+def _weight_files(p: Path) -> dict[str, list[str] | None]:
+    """File name -> keys it should hold (None: whatever the single file holds)."""
+    index = p / INDEX_FILE
+    single = p / SINGLE_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        files: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(fname, []).append(key)
+        for fname in files:
+            if not (p / fname).is_file():
+                raise FileNotFoundError(f"shard {p / fname} listed in {index} not found")
+        return dict(files)
+    if single.is_file():
+        return {SINGLE_FILE: None}
+    others = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    hint = f" (found {others}; only safetensors is supported)" if others else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {p}{hint}")
+
+
+def load_params(
+    path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = jnp.float32
+) -> Params:
+    """Read the weights of the HF directory ``path`` into a params pytree of ``dtype``.
+
+    Streams tensor by tensor. Raises FileNotFoundError for missing files and ValueError
+    naming the file and key for unreadable files, missing, unexpected or wrongly shaped
+    tensors.
+    """
+    p = _check_dir(path)
+    config = load_config(p) if config is None else config
+    dt = resolve_dtype(dtype)
+    expected = param_shapes(config)
+    by_hf = {hf_name(k): k for k in expected}
+    from safetensors import safe_open
+
+    flat: dict[str, jnp.ndarray] = {}
+    unexpected: list[str] = []
+    where: dict[str, str] = {}
+    for fname, keys in _weight_files(p).items():
+        fpath = p / fname
+        try:
+            handle = safe_open(str(fpath), framework="numpy")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read {fpath} as safetensors: {e}") from e
+        with handle as f:
+            available = set(f.keys())
+            names = available if keys is None else keys
+            for key in names:
+                if key not in available:
+                    raise ValueError(f"{fpath} does not hold tensor {key!r} (the index says it should)")
+                if key not in by_hf:
+                    if _IGNORED.match(key) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    unexpected.append(f"{key} (in {fname})")
+                    continue
+                ours = by_hf[key]
+                if ours in flat:
+                    raise ValueError(f"tensor {key!r} appears twice ({where[ours]} and {fname})")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[ours]):
+                    raise ValueError(
+                        f"{fpath}: tensor {key!r} has shape {shape}, expected {tuple(expected[ours])} "
+                        f"for the config in {p / CONFIG_FILE}"
+                    )
+                arr = f.get_tensor(key)
+                flat[ours] = jnp.asarray(arr, dtype=dt)
+                where[ours] = fname
+                del arr
+    if unexpected:
+        raise ValueError(
+            f"{p}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+            f"for a {config.architecture} with this config"
+        )
+    missing = [hf_name(k) for k in expected if k not in flat]
+    if missing:
+        raise ValueError(
+            f"{p}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"({len(missing)} of {len(expected)} expected by the config)"
+        )
+    return unflatten_params(flat)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaForCausalLM:
+    """Load a local HF Llama/Mistral/Qwen2 directory as a :class:`LlamaForCausalLM` (NNX).
+
+    ``config.json`` is read with ``AutoConfig``; weights from ``model.safetensors`` or the
+    sharded ``model.safetensors.index.json``. ``dtype`` is "float32", "bfloat16" or
+    "float16". The result is callable on int32 ids ``[batch, seq]`` -> logits.
+    """
+    hf_config = load_hf_config(path)
+    try:
+        config = ModelConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: {e}") from e
+    params = load_params(path, config, dtype)
+    return LlamaForCausalLM(config, params, hf_config=hf_config)
+
+
+# --- writing ------------------------------------------------------------------------------
+def _to_numpy(x: Any, dtype: jnp.dtype | None) -> np.ndarray:
+    if is_quantized(x):
+        x = dequantize(x)
+    if dtype is not None:
+        x = jnp.asarray(x).astype(dtype)
+    return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def save_pretrained(
+    model_or_params: LlamaForCausalLM | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    config: ModelConfig | None = None,
+    *,
+    dtype: Any = None,
+    hf_config: Any = None,
+    tokenizer_source: str | os.PathLike | None = None,
+) -> Path:
+    """Write an HF directory (``config.json`` + ``model.safetensors``) loadable by transformers.
+
+    Args:
+      model_or_params: a :class:`LlamaForCausalLM` or a params pytree (QuantizedTensor
+        leaves are dequantized, i.e. the dense equivalent is written).
+      out_dir: created if needed.
+      config: required with a params pytree.
+      dtype: cast every tensor to this dtype (default: keep each tensor's dtype).
+      hf_config: transformers config to write (default: the model's own, else built from
+        ``config``).
+      tokenizer_source: directory whose tokenizer files are copied over.
+    """
+    if isinstance(model_or_params, LlamaForCausalLM):
+        params = model_or_params.params
+        config = config or model_or_params.config
+        hf_config = hf_config if hf_config is not None else model_or_params.hf_config
+    else:
+        params = dict(model_or_params)
+        if config is None:
+            raise ValueError("save_pretrained needs config= when given a params pytree")
+    from apiq_jax.models.llama import check_params
+
+    check_params(params, config)
+    dt = None if dtype is None else resolve_dtype(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if hf_config is None:
+        hf_config = config.to_hf()
+    else:
+        hf_config = type(hf_config).from_dict(hf_config.to_dict())  # private copy
+    first = params["embed_tokens"]
+    out_dtype = dt if dt is not None else (dequantize(first).dtype if is_quantized(first) else first.dtype)
+    hf_config.dtype = jnp.dtype(out_dtype).name
+    hf_config.architectures = [config.architecture]
+    hf_config.to_json_file(str(out / CONFIG_FILE))
+
+    from safetensors.numpy import save_file
+
+    tensors = {hf_name(k): _to_numpy(v, dt) for k, v in flatten_params(params).items()}
+    save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    if tokenizer_source is not None:
+        copy_tokenizer_files(tokenizer_source, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer (and generation config) files present in ``src`` to ``dst``."""
+    s = _check_dir(src)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (s / name).is_file():
+            shutil.copyfile(s / name, Path(dst) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,544 @@
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2): pure-functional core + NNX facade.
+
+Parameters are a plain pytree, weights in PyTorch ``[out, in]`` layout, keyed by HF-like
+names::
+
+    {"embed_tokens": [V, D],
+     "layers": [{"input_layernorm": [D],
+                 "q_proj": W, "k_proj": W, "v_proj": W, "o_proj": W,
+                 "q_proj_bias": [.], ...          (only where the architecture has biases)
+                 "post_attention_layernorm": [D],
+                 "gate_proj": W, "up_proj": W, "down_proj": W}, ...],
+     "norm": [D],
+     "lm_head": [V, D]}                            (absent when embeddings are tied)
+
+A linear leaf ``W`` is a dense ``[out, in]`` array or an
+:class:`apiq_jax.quant.QuantizedTensor` quantized from it (groups along ``in``). A LoRA
+tree mirrors it: ``{"layers": [{"q_proj": {"a": [in, r], "b": [r, out]}, ...}, ...]}`` and
+a targeted linear computes ``y = x @ W.T + scale * (x @ a) @ b``.
+
+The functions here are the single implementation of the math; :class:`LlamaForCausalLM`
+(Flax NNX) and the calibration code call them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.quant import QuantizedTensor, dequantize
+
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+LINEARS = ATTN_LINEARS + MLP_LINEARS
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+Params = dict[str, Any]
+LayerLora = Mapping[str, Mapping[str, jnp.ndarray]]
+
+if importlib.util.find_spec("apiq_jax.qmatmul") is not None:  # low-bit matmul kernels
+    from apiq_jax.qmatmul import qmatmul as _qmatmul
+else:  # pragma: no cover - depends on which modules are installed
+    _qmatmul = None
+
+
+def is_quantized(w: Any) -> bool:
+    """True for a :class:`QuantizedTensor` leaf."""
+    return isinstance(w, QuantizedTensor)
+
+
+# --- shapes and flat names ----------------------------------------------------------------
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``[out, in]`` shape of each of the seven linears of one decoder layer."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+        "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+    }
+
+
+def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of one decoder layer (biases included where the config has them)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm": (config.hidden_size,),
+        "post_attention_layernorm": (config.hidden_size,),
+    }
+    lin = linear_shapes(config)
+    shapes.update(lin)
+    biased = []
+    if config.qkv_bias:
+        biased += ["q_proj", "k_proj", "v_proj"]
+    if config.o_bias:
+        biased.append("o_proj")
+    if config.mlp_bias:
+        biased += list(MLP_LINEARS)
+    for name in biased:
+        shapes[f"{name}_bias"] = (lin[name][0],)
+    return shapes
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat name (``"layers.3.q_proj"``) -> shape of every parameter the model needs."""
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (config.vocab_size, config.hidden_size)}
+    layer = layer_param_shapes(config)
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    shapes["norm"] = (config.hidden_size,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested params (or a LoRA tree) -> ``{"layers.0.q_proj": leaf, ...}``.
+
+    QuantizedTensor values are kept whole (they are leaves here). LoRA ``{"a", "b"}``
+    dicts flatten to ``"layers.0.q_proj.a"`` / ``".b"``.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if node is None:
+            return
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}" if prefix else str(i), v)
+        else:
+            flat[prefix] = node
+
+    walk("", params)
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> Params:
+    """Inverse of :func:`flatten_params`: ``"layers.<i>.<rest>"`` keys become a list of dicts."""
+    out: dict[str, Any] = {}
+    layers: dict[int, dict[str, Any]] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if parts[0] == "layers":
+            if len(parts) < 3 or not parts[1].isdigit():
+                raise ValueError(f"bad parameter name {key!r}; expected 'layers.<index>.<name>'")
+            node = layers.setdefault(int(parts[1]), {})
+            rest = parts[2:]
+        else:
+            node, rest = out, parts
+        for p in rest[:-1]:
+            node = node.setdefault(p, {})
+        node[rest[-1]] = value
+    if layers:
+        n = max(layers) + 1
+        missing = sorted(set(range(n)) - set(layers))
+        if missing:
+            raise ValueError(f"layers {missing} are missing (found indices {sorted(layers)})")
+        out["layers"] = [layers[i] for i in range(n)]
+    return out
+
+
+def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
+    """Raise ValueError naming every missing, unexpected or wrongly shaped parameter."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict pytree, got {type(params).__name__}")
+    expected = param_shapes(config)
+    flat = flatten_params({k: v for k, v in params.items() if not (k == "lm_head" and v is None)})
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    bad = [
+        f"{k}: expected {expected[k]}, got {tuple(flat[k].shape)}"
+        for k in sorted(set(expected) & set(flat))
+        if tuple(flat[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if bad:
+        problems.append("wrong shapes: " + "; ".join(bad[:8]))
+    if problems:
+        raise ValueError(f"params do not match the {config.architecture} config: " + " | ".join(problems))
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) weights and biases, unit norms) for ``config``.
+
+    Drawn with numpy's generator seeded from ``key`` (compiling threefry for every shape
+    costs seconds on CPU; these are test/benchmark weights, not a training init).
+    """
+    seed = np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32).tolist()
+    rng = np.random.default_rng(seed)
+    flat: dict[str, Any] = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith("layernorm") or name == "norm":
+            flat[name] = jnp.ones(shape, dtype)
+        else:
+            flat[name] = jnp.asarray((std * rng.standard_normal(shape, np.float32)), dtype=dtype)
+    return unflatten_params(flat)
+
+
+# --- building blocks ----------------------------------------------------------------------
+def _dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """``x @ w.T`` for ``w`` in ``[out, in]`` layout, accumulated in float32."""
+    y = jax.lax.dot_general(
+        x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return y.astype(x.dtype)
+
+
+def linear(
+    x: jnp.ndarray,
+    w: Any,
+    lora_ab: Mapping[str, jnp.ndarray] | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+    *,
+    bias: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """``x @ W^T (+ bias) + lora_scale * (x @ a) @ b``.
+
+    ``w`` is a dense ``[out, in]`` array or a QuantizedTensor (routed to
+    ``apiq_jax.qmatmul.qmatmul`` when that module is present, else dequantized). The
+    result has ``x``'s dtype.
+    """
+    if isinstance(w, QuantizedTensor):
+        if _qmatmul is not None:
+            lead = x.shape[:-1]
+            y = _qmatmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype).reshape(*lead, w.shape[0])
+        else:
+            y = _dense_matmul(x, dequantize(w))
+    else:
+        y = _dense_matmul(x, w)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    if lora_ab is not None:
+        a = lora_ab["a"].astype(x.dtype)
+        b = lora_ab["b"].astype(x.dtype)
+        y = y + (lora_scale * ((x @ a) @ b)).astype(y.dtype)
+    return y
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """HF LlamaRMSNorm: normalise in float32, cast back, multiply by the weight."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jnp.ndarray, config: ModelConfig, dtype: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos/sin tables ``[..., head_dim]`` for integer ``positions`` (float32 math, then ``dtype``)."""
+    inv = jnp.asarray(config.inv_freq(), jnp.float32)
+    freqs = positions[..., None].astype(jnp.float32) * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate-half RoPE (HF convention) on ``x [b, s, heads, head_dim]``; cos/sin ``[b, s, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask_matrix(
+    seq_len: int, attention_mask: jnp.ndarray | None = None, window: int | None = None
+) -> jnp.ndarray:
+    """Boolean ``[b or 1, q, k]``: causal, optionally windowed, keys masked where padding."""
+    q = jnp.arange(seq_len)[:, None]
+    k = jnp.arange(seq_len)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    return allowed
+
+
+def _lora_for(lora: LayerLora | None, name: str) -> Mapping[str, jnp.ndarray] | None:
+    return None if lora is None else lora.get(name)
+
+
+def _check_positions(positions: jnp.ndarray | None, b: int, s: int) -> jnp.ndarray:
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None]
+    return jnp.broadcast_to(positions, (b, s))
+
+
+def attention(
+    layer_params: Mapping[str, Any],
+    x: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    cos: jnp.ndarray,
+    sin: jnp.ndarray,
+    mask: jnp.ndarray,
+    lora: LayerLora | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+) -> jnp.ndarray:
+    """Grouped-query self-attention of one layer on normalised input ``x [b, s, D]``."""
+    p = layer_params
+    b, s, _ = x.shape
+    h, kvh, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def proj(name: str) -> jnp.ndarray:
+        return linear(x, p[name], _lora_for(lora, name), lora_scale, bias=p.get(f"{name}_bias"))
+
+    q = apply_rope(proj("q_proj").reshape(b, s, h, hd), cos, sin)
+    k = apply_rope(proj("k_proj").reshape(b, s, kvh, hd), cos, sin)
+    v = proj("v_proj").reshape(b, s, kvh, hd)
+    q = q.reshape(b, s, kvh, config.num_kv_groups, hd)  # query head i uses kv head i // groups
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+    out = out.reshape(b, s, h * hd)
+    return linear(out, p["o_proj"], _lora_for(lora, "o_proj"), lora_scale, bias=p.get("o_proj_bias"))
+
+
+def mlp(
+    layer_params: Mapping[str, Any],
+    x: jnp.ndarray,
+    *,
+    lora: LayerLora | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+) -> jnp.ndarray:
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+    p = layer_params
+
+    def proj(name: str, inp: jnp.ndarray) -> jnp.ndarray:
+        return linear(inp, p[name], _lora_for(lora, name), lora_scale, bias=p.get(f"{name}_bias"))
+
+    return proj("down_proj", jax.nn.silu(proj("gate_proj", x)) * proj("up_proj", x))
+
+
+# --- public functional core ---------------------------------------------------------------
+def embed(params: Mapping[str, Any], ids: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
+    """Token embeddings ``[b, s, D]`` of int ids ``[b, s]`` (in the embedding's dtype)."""
+    table = params["embed_tokens"]
+    if isinstance(table, QuantizedTensor):
+        table = dequantize(table)
+    return jnp.take(table, ids, axis=0)
+
+
+def block_forward(
+    layer_params: Mapping[str, Any],
+    x: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora: LayerLora | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+    positions: jnp.ndarray | None = None,
+    attention_mask: jnp.ndarray | None = None,
+    layer_idx: int | None = None,
+) -> jnp.ndarray:
+    """One decoder layer: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
+
+    Args:
+      layer_params: that layer's dict (linear leaves dense or QuantizedTensor).
+      x: hidden states ``[b, s, D]``.
+      config: the model config (static).
+      lora: that layer's LoRA dict ``{"q_proj": {"a", "b"}, ...}`` or None.
+      lora_scale: ``alpha / r``.
+      positions: int positions ``[b, s]`` or ``[s]``; default ``arange(s)``.
+      attention_mask: ``[b, s]`` with 1 for real tokens and 0 for padding (keys that are
+        padding are never attended to), or None.
+      layer_idx: needed only for configs that mix full and sliding-window layers.
+    """
+    b, s, _ = x.shape
+    pos = _check_positions(positions, b, s)
+    cos, sin = rope_cos_sin(pos, config, x.dtype)
+    mask = attention_mask_matrix(s, attention_mask, config.attention_window(layer_idx))
+    return _block(layer_params, x, config, lora, lora_scale, cos, sin, mask)
+
+
+def _block(p, x, config, lora, lora_scale, cos, sin, mask):
+    h = rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
+    x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, lora_scale=lora_scale)
+    h = rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
+    return x + mlp(p, h, lora=lora, lora_scale=lora_scale)
+
+
+def final_logits(params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
+    """Final RMSNorm and output head (the embedding matrix when tied): ``[b, s, V]``."""
+    h = rms_norm(x, params["norm"], config.rms_norm_eps)
+    head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return linear(h, head)
+
+
+def _layer_lora(lora: Mapping[str, Any] | None, i: int) -> LayerLora | None:
+    if lora is None:
+        return None
+    return lora["layers"][i]
+
+
+def _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, collect):
+    b, s, _ = x.shape
+    pos = _check_positions(positions, b, s)
+    cos, sin = rope_cos_sin(pos, config, x.dtype)
+    masks: dict[int | None, jnp.ndarray] = {}
+    outs = []
+    for i, layer in enumerate(params["layers"]):
+        window = config.attention_window(i)
+        if window not in masks:
+            masks[window] = attention_mask_matrix(s, attention_mask, window)
+        x = _block(layer, x, config, _layer_lora(lora, i), lora_scale, cos, sin, masks[window])
+        if collect:
+            outs.append(x)
+    return x, outs
+
+
+def forward(
+    params: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora_scale: float | jnp.ndarray = 1.0,
+    attention_mask: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Logits ``[b, s, V]`` of int ids ``[b, s]``.
+
+    ``lora`` is ``{"layers": [per-layer LoRA dict, ...]}`` or None; ``attention_mask``
+    ``[b, s]`` marks real tokens (1) vs padding (0). Positions default to ``arange(s)``
+    (as transformers does without explicit ``position_ids``).
+    """
+    x = embed(params, ids, config)
+    x, _ = _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, False)
+    return final_logits(params, x, config)
+
+
+def block_outputs(
+    params: Mapping[str, Any],
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+    attention_mask: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+) -> list[jnp.ndarray]:
+    """Output hidden states ``[b, s, D]`` of every decoder block, in order (before the final norm)."""
+    x = embed(params, ids, config)
+    _, outs = _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, True)
+    return outs
+
+
+forward_jit = jax.jit(forward, static_argnames=("config",))
+forward_jit.__doc__ = "``jax.jit`` of :func:`forward` (``config`` static)."
+block_outputs_jit = jax.jit(block_outputs, static_argnames=("config",))
+
+
+# --- Flax NNX facade ----------------------------------------------------------------------
+class QuantizedWeight(nnx.Variable):
+    """NNX variable holding a frozen :class:`QuantizedTensor` (never a Param)."""
+
+
+def _wrap(params: Params) -> Any:
+    def wrap(leaf: Any) -> nnx.Variable:
+        return QuantizedWeight(leaf) if isinstance(leaf, QuantizedTensor) else nnx.Param(leaf)
+
+    return jax.tree.map(wrap, params, is_leaf=is_quantized)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Flax NNX module around the functional core.
+
+    Holds the parameters as ``nnx.Param`` (dense arrays) or :class:`QuantizedWeight`
+    variables under ``.weights`` (same nesting as the pure params). Calling it on int ids
+    ``[batch, seq]`` returns logits ``[batch, seq, vocab]`` via the jitted :func:`forward`.
+
+    Args:
+      config: the model config.
+      params: the pure params pytree; random (:func:`init_params`) when None.
+      rngs: used for random init only.
+      dtype: dtype of random init.
+      hf_config: optional ``transformers`` config kept for faithful saving.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Params | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        dtype: Any = jnp.float32,
+        hf_config: Any = None,
+    ) -> None:
+        if params is None:
+            key = (rngs if rngs is not None else nnx.Rngs(0)).params()
+            params = init_params(config, key, dtype)
+        check_params(params, config)
+        params = {k: v for k, v in params.items() if not (k == "lm_head" and v is None)}
+        self.config = config
+        self.hf_config = nnx.static(hf_config) if hasattr(nnx, "static") else hf_config
+        self.weights = nnx.data(_wrap(params))
+
+    @property
+    def params(self) -> Params:
+        """The pure params pytree (the arrays themselves, not copies)."""
+        return jax.tree.map(
+            lambda v: v.get_value(), self.weights, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+
+    def to_params(self) -> Params:
+        """Same as :attr:`params`."""
+        return self.params
+
+    @property
+    def dtype(self) -> Any:
+        """Dtype of the embedding table (the compute dtype)."""
+        return self.params["embed_tokens"].dtype
+
+    def __call__(
+        self,
+        ids: jnp.ndarray,
+        *,
+        attention_mask: jnp.ndarray | None = None,
+        lora: Mapping[str, Any] | None = None,
+        lora_scale: float = 1.0,
+    ) -> jnp.ndarray:
+        ids = validate_ids(ids, self.config.vocab_size)
+        return forward_jit(
+            self.params, lora, ids, self.config, lora_scale=lora_scale, attention_mask=attention_mask
+        )
+
+
+def validate_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
+    """Check int token ids ``[batch, seq]`` lie in ``[0, vocab_size)``; return them as int32.
+
+    Raises ValueError naming the offending value (concrete arrays only; tracers pass).
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return ids
+    arr = np.asarray(ids)
+    if arr.ndim != 2:
+        raise ValueError(f"token ids must have shape [batch, seq], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"token id {int(bad)} is out of range; accepted: 0 <= id < {vocab_size} (vocab_size)")
+    return jnp.asarray(arr, jnp.int32)
+
+
+__all__: Sequence[str] = [
+    "LINEARS", "LlamaForCausalLM", "QuantizedWeight", "apply_rope", "attention", "block_forward",
+    "block_outputs", "block_outputs_jit", "check_params", "embed", "final_logits", "flatten_params",
+    "forward", "forward_jit", "init_params", "layer_param_shapes", "linear", "linear_shapes", "mlp",
+    "param_shapes", "rms_norm", "rope_cos_sin", "unflatten_params", "validate_ids",
+]

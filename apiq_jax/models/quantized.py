@@ -1,0 +1,142 @@
+"""Quantized form of a model: ``frozen`` params (QuantizedTensor linears) + a ``lora`` tree.
+
+``frozen`` has the same layout as the dense params, with every targeted linear replaced
+by a :class:`~apiq_jax.quant.QuantizedTensor` (packed integer codes + constants) and the
+norms, embeddings and head untouched. :func:`apply` is the jitted forward
+``apply(frozen, lora, ids) -> logits``; it stops gradients at ``frozen`` so that
+``jax.grad`` only ever differentiates the LoRA tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from apiq_jax.lora import ALL_TARGETS, LoraConfig, init_lora, lora_from_factors, normalize_targets
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import Params, forward, is_quantized
+from apiq_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
+
+DEFAULT_TARGETS = ALL_TARGETS
+
+# one compilation per (shape, config) instead of op-by-op dispatch; finiteness is checked
+# by quantize_params itself because quantize skips that check under tracing
+_quantize_jit = jax.jit(quantize, static_argnames=("cfg",))
+
+
+def quantize_params(
+    params: Mapping[str, Any],
+    quant_config: QuantConfig,
+    *,
+    targets: str | Sequence[str] = DEFAULT_TARGETS,
+    clips: Mapping[str, Any] | None = None,
+) -> Params:
+    """Replace every targeted linear of ``params`` by a QuantizedTensor (RTN, or with clip logits).
+
+    Args:
+      params: dense params pytree (weights ``[out, in]``; groups run along ``in``).
+      quant_config: bits, group size, scheme, ...
+      targets: linears to quantize in every layer (default all seven).
+      clips: optional ``{"layers.<i>.<name>": (gamma, beta)}`` clipping logits, shape
+        ``[out, n_groups]`` each (learned by calibration).
+    Returns ``frozen``: same structure, norms/embeddings/head unchanged (shared).
+    """
+    names = normalize_targets(targets)
+    clips = dict(clips or {})
+    layers = params["layers"]
+    new_layers = []
+    for i, layer in enumerate(layers):
+        new = dict(layer)
+        for name in names:
+            if name not in layer:
+                raise ValueError(f"layers.{i} has no linear {name!r}; present: {sorted(layer)}")
+            w = layer[name]
+            if is_quantized(w):
+                raise ValueError(f"layers.{i}.{name} is already quantized")
+            if not bool(jnp.all(jnp.isfinite(w))):
+                raise ValueError(f"layers.{i}.{name} contains non-finite values; quantization needs finite weights")
+            new[name] = _quantize_jit(w, quant_config, clip=clips.pop(f"layers.{i}.{name}", None))
+        new_layers.append(new)
+    if clips:
+        raise ValueError(f"clip logits given for linears that are not quantized: {sorted(clips)[:6]}")
+    frozen = dict(params)
+    frozen["layers"] = new_layers
+    return frozen
+
+
+def dequantize_params(frozen: Mapping[str, Any]) -> Params:
+    """Dense params with every QuantizedTensor replaced by its dequantized weight."""
+    return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, dict(frozen), is_leaf=is_quantized)
+
+
+def quantize_model(
+    params: Mapping[str, Any],
+    quant_config: QuantConfig,
+    lora_config: LoraConfig,
+    *,
+    key: jax.Array | None = None,
+    init: str = "qlora",
+    factors: Mapping[str, Any] | None = None,
+    targets: str | Sequence[str] | None = None,
+) -> tuple[Params, dict[str, Any]]:
+    """``(frozen, lora)`` from dense params: RTN-quantize the targets and initialise LoRA.
+
+    ``init="qlora"``: ``a`` kaiming-uniform (bound ``1/sqrt(in)``), ``b = 0`` (needs ``key``).
+    ``init="factors"``: take ``factors`` (see :func:`apiq_jax.lora.lora_from_factors`).
+    ``targets`` defaults to ``lora_config.targets``.
+    """
+    frozen = quantize_params(params, quant_config, targets=targets or lora_config.targets)
+    if init == "qlora":
+        if key is None:
+            raise ValueError("init='qlora' needs key= (a jax.random key) for the LoRA 'a' factors")
+        lora = init_lora(frozen, lora_config, key, method="qlora")
+    elif init == "factors":
+        if factors is None:
+            raise ValueError("init='factors' needs factors=")
+        lora = lora_from_factors(frozen, lora_config, factors)
+    else:
+        raise ValueError(f"init={init!r} is not supported; accepted: ('qlora', 'factors')")
+    return frozen, lora
+
+
+def _apply(
+    frozen: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    lora_scale: float | jnp.ndarray = 1.0,
+    attention_mask: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+    return forward(frozen, lora, ids, config, lora_scale=lora_scale, attention_mask=attention_mask)
+
+
+_apply_jit = jax.jit(_apply, static_argnames=("config",))
+
+
+def apply(
+    frozen: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora_scale: float | jnp.ndarray = 1.0,
+    attention_mask: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Jitted logits ``[b, s, V]`` of the quantized model with LoRA.
+
+    Every targeted linear computes ``x @ W_hat.T + lora_scale * (x @ a) @ b``. ``frozen``
+    is wrapped in ``stop_gradient``: differentiate with respect to ``lora`` only, e.g.
+    ``jax.grad(lambda l: loss(apply(frozen, l, ids, cfg, lora_scale=s)))(lora)``.
+    """
+    return _apply_jit(frozen, lora, ids, config, lora_scale, attention_mask)
+
+
+def quantized_linear_names(frozen: Mapping[str, Any]) -> list[str]:
+    """Flat names (``"layers.0.q_proj"``) of the QuantizedTensor leaves of ``frozen``."""
+    from apiq_jax.models.llama import flatten_params
+
+    return [k for k, v in flatten_params(frozen).items() if isinstance(v, QuantizedTensor)]
