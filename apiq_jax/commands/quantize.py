@@ -1,0 +1,260 @@
+"""``apiq-jax quantize``: calibrate a Hugging Face model with one method and save it.
+
+    apiq-jax quantize --model HF_DIR --method {apiq-bw,apiq-lw,loftq,qlora,rtn,gptq}
+        --bits {2,3,4} --group-size N --rank R --alpha A --calib FILE
+        [--epochs E] [--seed S] [--nsamples N --seqlen L] [--scheme S] [--num-iter T]
+        --out OUT
+
+``--calib`` takes token ids (``.npy``: ``[n, seqlen]`` rows used in order, or a 1-D
+stream from which windows are drawn) or text (``.txt``: tokenized once with the model's
+tokenizer). Windows of ``--seqlen`` tokens are drawn at random positions with ``--seed``.
+ApiQ runs checkpoint every finished block under ``OUT/calibration_work``: re-running an
+interrupted command with the same arguments continues after the last finished block.
+``OUT`` is written with :func:`apiq_jax.models.quantized_io.save_quantized` (bit-packed
+frozen weights, LoRA factors, metadata JSON, tokenizer files) plus the calibration
+report (``report.json``, ``report.png``); ``apiq-jax eval --model OUT`` reads it. The
+last stdout line is one JSON object with the run's summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METHODS = ("apiq-bw", "apiq-lw", "loftq", "qlora", "rtn", "gptq")
+#: bit widths each method accepts
+METHOD_BITS: dict[str, tuple[int, ...]] = {m: (2, 3, 4) for m in METHODS}
+#: quantizer schemes each method accepts (ApiQ learns clipping of the uniform grids)
+METHOD_SCHEMES: dict[str, tuple[str, ...]] = {
+    "apiq-bw": ("asym", "sym"), "apiq-lw": ("asym", "sym"),
+    "rtn": ("asym", "sym", "nf"), "qlora": ("nf", "asym", "sym"),
+    "loftq": ("nf", "asym", "sym"), "gptq": ("asym", "sym", "nf"),
+}
+#: scheme used when --scheme is not given (QLoRA and LoftQ store NormalFloat)
+DEFAULT_SCHEME = {"qlora": "nf", "loftq": "nf"}
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 2048
+CALIB_SUFFIXES = (".npy", ".txt")
+#: per-block checkpoints of an ApiQ run inside --out; removed once the model is saved
+WORK_SUBDIR = "calibration_work"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``apiq-jax quantize``."""
+    p.add_argument("--model", required=True, help="Hugging Face model directory (full precision)")
+    p.add_argument("--method", required=True, help=f"calibration method: one of {', '.join(METHODS)}")
+    p.add_argument("--bits", required=True, type=int, help="weight bits (2, 3 or 4)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size along the input (default 64)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the LoRA term is scaled by alpha/r (default 16)")
+    p.add_argument("--calib", required=True, help="calibration data: token ids (.npy) or text (.txt)")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--epochs", type=int, default=None, help="ApiQ epochs per block/layer (default 20; apiq-* only)")
+    p.add_argument("--seed", type=int, default=0, help="seed for window sampling and LoRA init (default 0)")
+    p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {DEFAULT_NSAMPLES})")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per window (default min({DEFAULT_SEQLEN}, max_position_embeddings); "
+                        "2-D .npy ids: their row length)")
+    p.add_argument("--scheme", default=None, choices=("asym", "sym", "nf"),
+                   help="quantizer: asym (zero point), sym (absmax) or nf (NormalFloat); default nf for "
+                        "qlora/loftq, asym otherwise")
+    p.add_argument("--num-iter", type=int, default=None, help="LoftQ alternations (default 1; loftq only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# --- calibration data -------------------------------------------------------------------------
+def draw_windows(stream: np.ndarray, nsamples: int, seqlen: int, seed: int, source: str) -> np.ndarray:
+    """``nsamples`` windows of ``seqlen`` tokens at random starts of the 1-D ``stream`` (seeded)."""
+    if stream.size < seqlen:
+        raise ValueError(
+            f"--calib {source}: only {stream.size} tokens, fewer than one window of --seqlen {seqlen}; "
+            "give more data or a smaller --seqlen"
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, stream.size - seqlen + 1, size=nsamples)
+    return np.stack([stream[s : s + seqlen] for s in starts]).astype(np.int32)
+
+
+def load_calibration(
+    path: Path, model_dir: Path, nsamples: int | None, seqlen: int | None, seed: int, max_len: int,
+    vocab_size: int,
+) -> np.ndarray:
+    """Calibration ids ``[n, seqlen]`` from ``.npy`` ids or ``.txt`` text (see module doc)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--calib {path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in CALIB_SUFFIXES:
+        raise ValueError(
+            f"--calib {path}: unsupported file type {suffix or '(none)'!r}; accepted: .npy (int token "
+            "ids, [n, seqlen] or 1-D) or .txt (raw text)"
+        )
+    n = DEFAULT_NSAMPLES if nsamples is None else nsamples
+    if suffix == ".txt":
+        from apiq_jax.models import load_tokenizer
+
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise ValueError(f"--calib {path}: the text file is empty")
+        tok = load_tokenizer(model_dir)
+        stream = np.asarray(tok(text, add_special_tokens=True, verbose=False)["input_ids"], np.int64)
+        length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, stream.size)
+        ids = draw_windows(stream, n, length, seed, str(path))
+    else:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--calib {path}: cannot read as a .npy array: {e}") from e
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"--calib {path}: token ids must be integers, got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, arr.size)
+            ids = draw_windows(arr, n, length, seed, str(path))
+        elif arr.ndim == 2:
+            if arr.shape[0] == 0 or arr.shape[1] == 0:
+                raise ValueError(f"--calib {path}: no token ids (shape {arr.shape})")
+            if seqlen is not None and seqlen > arr.shape[1]:
+                raise ValueError(
+                    f"--seqlen {seqlen} exceeds the row length {arr.shape[1]} of {path}; accepted: "
+                    f"--seqlen <= {arr.shape[1]}"
+                )
+            rows = arr.shape[0] if nsamples is None else nsamples
+            if rows > arr.shape[0]:
+                raise ValueError(
+                    f"--nsamples {rows} exceeds the {arr.shape[0]} rows of {path}; accepted: <= {arr.shape[0]}"
+                )
+            ids = arr[:rows, : (seqlen or arr.shape[1])]
+        else:
+            raise ValueError(f"--calib {path}: expected [n, seqlen] or 1-D ids, got shape {arr.shape}")
+    ids = np.asarray(ids)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"--calib {path}: token id {bad} is out of range for this model; accepted: 0 <= id < "
+            f"{vocab_size} (vocab_size)"
+        )
+    return ids.astype(np.int32)
+
+
+# --- running ----------------------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> str:
+    """Validate method/bits/scheme and numeric options; returns the scheme to use."""
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r} is not supported; accepted: {', '.join(METHODS)}")
+    if args.bits not in METHOD_BITS[args.method]:
+        raise ValueError(
+            f"--bits {args.bits} is not supported by --method {args.method}; accepted: "
+            f"{', '.join(map(str, METHOD_BITS[args.method]))}"
+        )
+    scheme = args.scheme or DEFAULT_SCHEME.get(args.method, "asym")
+    if scheme not in METHOD_SCHEMES[args.method]:
+        raise ValueError(
+            f"--scheme {scheme} is not supported by --method {args.method}; accepted: "
+            f"{', '.join(METHOD_SCHEMES[args.method])}"
+        )
+    for name in ("group_size", "rank", "nsamples", "seqlen"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--alpha {args.alpha} must be a positive number")
+    if args.epochs is not None:
+        if not args.method.startswith("apiq"):
+            raise ValueError(f"--epochs applies to apiq-bw/apiq-lw only, not --method {args.method}")
+        if args.epochs < 0:
+            raise ValueError(f"--epochs {args.epochs} must be >= 0")
+    if args.num_iter is not None:
+        if args.method != "loftq":
+            raise ValueError(f"--num-iter applies to --method loftq only, not {args.method}")
+        if args.num_iter < 1:
+            raise ValueError(f"--num-iter {args.num_iter} must be >= 1")
+    return scheme
+
+
+def method_options(
+    method: str, epochs: int | None, num_iter: int | None, progress: bool, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """Keyword options for the calibration function of ``method``.
+
+    ApiQ methods checkpoint every finished block into ``work_dir`` (when given), so an
+    interrupted ``apiq-jax quantize`` re-run with the same arguments resumes there.
+    """
+    opts: dict[str, Any] = {"progress": progress}
+    if method.startswith("apiq") and work_dir is not None:
+        opts["work_dir"] = work_dir
+    if method.startswith("apiq") and epochs is not None:
+        opts["epochs"] = epochs
+    if method == "loftq" and num_iter is not None:
+        opts["num_iter"] = num_iter
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``apiq-jax quantize``; prints the summary JSON as the last stdout line."""
+    import jax
+
+    from apiq_jax.calibration import get_method
+    from apiq_jax.compare import quantized_bits_per_param
+    from apiq_jax.lora import LoraConfig
+    from apiq_jax.models import is_quantized_dir, load_pretrained
+    from apiq_jax.models.quantized_io import save_quantized
+    from apiq_jax.quant import QuantConfig
+
+    t0 = time.perf_counter()
+    scheme = check_args(args)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: directory not found")
+    if is_quantized_dir(model_dir):
+        raise ValueError(f"--model {model_dir} is already a quantized model; give the full-precision HF directory")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    model = load_pretrained(model_dir)
+    config = model.config
+    ids = load_calibration(
+        Path(args.calib), model_dir, args.nsamples, args.seqlen, args.seed,
+        config.max_position_embeddings, config.vocab_size,
+    )
+    qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=scheme)
+    lcfg = LoraConfig(rank=args.rank, alpha=args.alpha)
+    fn = get_method(args.method)
+    opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, out_dir / WORK_SUBDIR)
+    result = fn(model.params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
+    report = result.report
+    errors = [e for e in report.errors_after if e is not None]
+    summary = {
+        "method": args.method,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "scheme": scheme,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "nsamples": int(ids.shape[0]),
+        "seqlen": int(ids.shape[1]),
+        "seed": args.seed,
+        "seconds": round(report.seconds, 3),
+        "bits_per_param": quantized_bits_per_param(result.params),
+        "mean_activation_error": float(np.mean(errors)) if errors else None,
+        "activation_errors": errors,
+        "peak_rss_mb": report.peak_rss_mb,
+    }
+    save_quantized(
+        out_dir, result.params, result.lora, config, lcfg,
+        metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": report.to_dict()},
+        tokenizer_source=model_dir,
+    )
+    report.save_json(out_dir / "report.json")
+    report.save_plot(out_dir / "report.png")
+    shutil.rmtree(out_dir / WORK_SUBDIR, ignore_errors=True)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
+    summary["out"] = str(out_dir)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,167 @@
+"""Side-by-side comparison of calibration methods on one model: the harness behind
+``apiq-jax demo`` and ``benchmarks/calibration.py``.
+
+:func:`compare_methods` calibrates the same full-precision model with several methods and
+measures each result the same way (perplexity on held-out windows, per-block activation
+error ``||x_fp - x_q||^2 / ||x_fp||^2``, stored bits per weight, calibration seconds).
+:func:`format_table` renders the rows as Markdown and :func:`save_plot` draws them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from apiq_jax.calibration import get_method
+from apiq_jax.evaluate import activation_errors, perplexity_ids
+from apiq_jax.lora import LoraConfig
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.quant import QuantConfig
+
+#: quantizer scheme per method (QLoRA and LoftQ store NormalFloat, the others the uniform grid)
+SCHEMES = {"rtn": "asym", "qlora": "nf", "loftq": "nf", "apiq-lw": "asym", "apiq-bw": "asym", "gptq": "asym"}
+LABELS = {"rtn": "RTN", "qlora": "QLoRA (NF)", "loftq": "LoftQ (NF, 5 it.)", "apiq-lw": "ApiQ-lw",
+          "apiq-bw": "ApiQ-bw", "gptq": "GPTQ-LoRA"}
+LOFTQ_ITERATIONS = 5
+EVAL_BATCH = 16
+
+
+def quantized_bits_per_param(frozen: Any) -> float:
+    """Stored bits (codes + constants) per weight over every QuantizedTensor of ``frozen``."""
+    import math
+
+    from apiq_jax.models.llama import flatten_params
+    from apiq_jax.quant import QuantizedTensor, bits_per_param
+
+    total_bits, total = 0.0, 0
+    for leaf in flatten_params(frozen).values():
+        if isinstance(leaf, QuantizedTensor):
+            n = math.prod(leaf.shape)
+            total_bits += bits_per_param(leaf) * n
+            total += n
+    return total_bits / total if total else float("nan")
+
+
+def full_precision_row(params: Mapping[str, Any], config: ModelConfig, eval_ids: np.ndarray) -> dict[str, Any]:
+    """The reference row: the dense model's perplexity, zero activation error."""
+    ppl = perplexity_ids(params, eval_ids, config=config, batch_size=EVAL_BATCH).perplexity
+    return {
+        "method": "fp32", "label": "full precision", "bits_per_param": None, "perplexity": ppl,
+        "mean_activation_error": 0.0, "activation_errors": [0.0] * config.num_hidden_layers, "seconds": None,
+        "peak_rss_mb": None,
+    }
+
+
+def calibrate_and_measure(
+    name: str,
+    params: Mapping[str, Any],
+    config: ModelConfig,
+    calib_ids: np.ndarray,
+    eval_ids: np.ndarray,
+    qcfg: QuantConfig,
+    lcfg: LoraConfig,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Calibrate with method ``name`` and measure the result; one row of the comparison."""
+    opts: dict[str, Any] = {"progress": progress}
+    if name.startswith("apiq") and epochs is not None:
+        opts["epochs"] = epochs
+    if name == "loftq":
+        opts["num_iter"] = LOFTQ_ITERATIONS
+    res = get_method(name)(params, config, calib_ids, qcfg, lcfg, key=jax.random.PRNGKey(seed), **opts)
+    ppl = perplexity_ids(res.params, eval_ids, config=config, lora=res.lora, lora_scale=res.lora_scale,
+                         batch_size=EVAL_BATCH).perplexity
+    errs = activation_errors(params, res.params, eval_ids, config=config, lora=res.lora,
+                             lora_scale=res.lora_scale, batch_size=EVAL_BATCH)
+    return {
+        "method": name, "label": LABELS[name], "scheme": qcfg.scheme, "bits": qcfg.bits,
+        "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
+        "mean_activation_error": float(np.mean(errs)), "activation_errors": [float(e) for e in errs],
+        "seconds": res.report.seconds, "peak_rss_mb": res.report.peak_rss_mb,
+    }
+
+
+def compare_methods(
+    params: Mapping[str, Any],
+    config: ModelConfig,
+    calib_ids: np.ndarray,
+    eval_ids: np.ndarray,
+    methods: Sequence[str],
+    *,
+    bits: int = 2,
+    group_size: int = 64,
+    lora_config: LoraConfig | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Full-precision row followed by one row per method (each with its scheme from :data:`SCHEMES`)."""
+    unknown = [m for m in methods if m not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; accepted: {', '.join(SCHEMES)}")
+    lcfg = lora_config or LoraConfig(rank=16, alpha=16.0)
+    rows = [full_precision_row(params, config, eval_ids)]
+    for name in methods:
+        qcfg = QuantConfig(bits=bits, group_size=group_size, scheme=SCHEMES[name])
+        if progress:
+            print(f"[compare] {name}: calibrating ({bits}-bit {qcfg.scheme}, group {group_size})",
+                  flush=True, file=sys.stderr)
+        rows.append(calibrate_and_measure(name, params, config, calib_ids, eval_ids, qcfg, lcfg,
+                                          seed=seed, epochs=epochs, progress=progress))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of comparison rows."""
+    head = "| method | bits/param | perplexity | mean act. error | calib. time (s) |"
+    sep = "|---|---:|---:|---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        bpp = "32 (fp32)" if r["bits_per_param"] is None else f"{r['bits_per_param']:.3f}"
+        err = "0" if r["mean_activation_error"] == 0 else f"{r['mean_activation_error']:.4f}"
+        sec = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['label']} | {bpp} | {r['perplexity']:.2f} | {err} | {sec} |")
+    return "\n".join(lines)
+
+
+def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Bar chart of perplexity and per-block activation-error curves (PNG); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    fp = rows[0]
+    qrows = rows[1:]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [r["label"] for r in qrows]
+    ax0.bar(range(len(qrows)), [r["perplexity"] for r in qrows], color="tab:blue")
+    ax0.axhline(fp["perplexity"], color="k", ls="--", label=f"full precision ({fp['perplexity']:.2f})")
+    ax0.set_xticks(range(len(qrows)), labels, rotation=20, ha="right")
+    ax0.set_ylabel("perplexity (held-out text)")
+    ax0.set_yscale("log")
+    ax0.set_title(title)
+    ax0.legend()
+    for r in qrows:
+        ax1.plot(range(len(r["activation_errors"])), r["activation_errors"], "o-", label=r["label"])
+    ax1.set_yscale("log")
+    ax1.set_xticks(range(len(fp["activation_errors"])))
+    ax1.set_xlabel("decoder block")
+    ax1.set_ylabel("||x_fp - x_q||^2 / ||x_fp||^2")
+    ax1.set_title("activation error per block (held-out text)")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
