@@ -23,7 +23,6 @@ The functions here are the single implementation of the math; :class:`LlamaForCa
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from apiq_jax.models.config import ModelConfig
+from apiq_jax.qmatmul import qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,10 +43,6 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 Params = dict[str, Any]
 LayerLora = Mapping[str, Mapping[str, jnp.ndarray]]
 
-if importlib.util.find_spec("apiq_jax.qmatmul") is not None:  # low-bit matmul kernels
-    from apiq_jax.qmatmul import qmatmul as _qmatmul
-else:  # pragma: no cover - depends on which modules are installed
-    _qmatmul = None
 
 
 def is_quantized(w: Any) -> bool:
@@ -207,15 +203,12 @@ def linear(
     """``x @ W^T (+ bias) + lora_scale * (x @ a) @ b``.
 
     ``w`` is a dense ``[out, in]`` array or a QuantizedTensor (routed to
-    ``apiq_jax.qmatmul.qmatmul`` when that module is present, else dequantized). The
-    result has ``x``'s dtype.
+    :func:`apiq_jax.qmatmul.qmatmul`: Pallas kernels on GPU/TPU, fused XLA dequant-matmul on
+    CPU). The result has ``x``'s dtype.
     """
     if isinstance(w, QuantizedTensor):
-        if _qmatmul is not None:
-            lead = x.shape[:-1]
-            y = _qmatmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype).reshape(*lead, w.shape[0])
-        else:
-            y = _dense_matmul(x, dequantize(w))
+        lead = x.shape[:-1]
+        y = qmatmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype).reshape(*lead, w.shape[0])
     else:
         y = _dense_matmul(x, w)
     if bias is not None:
