@@ -10,7 +10,7 @@ The public API, re-exported from the modules that implement it:
 * calibration (:mod:`apiq_jax.calibration`): :func:`apiq_bw`, :func:`apiq_lw` and the
   baselines :func:`rtn_init`, :func:`qlora_init`, :func:`loftq_init`, :func:`gptq_init`;
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`activation_errors`;
-* finetuning (:mod:`apiq_jax.finetune`): :class:`FinetuneConfig`, :func:`finetune`.
+* finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune`.
 
 Submodules not re-exported here (``apiq_jax.qmatmul``, ``apiq_jax.checkpoint``,
 ``apiq_jax.compare``) are public too; import them directly.
@@ -30,7 +30,7 @@ from apiq_jax.calibration import (
     rtn_init,
 )
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
-from apiq_jax.finetune import FinetuneConfig, finetune
+from apiq_jax.training import FinetuneConfig, finetune
 from apiq_jax.lora import LoraConfig, init_lora, lora_from_factors, merge_lora
 from apiq_jax.models import (
     LlamaForCausalLM,

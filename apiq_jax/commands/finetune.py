@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``apiq-jax finetune``; prints the summary JSON as the last stdout line."""
     from apiq_jax.cli import load_token_data
     from apiq_jax.evaluate import perplexity_ids
-    from apiq_jax.finetune import FinetuneConfig, finetune
+    from apiq_jax.training import FinetuneConfig, finetune
     from apiq_jax.models import is_quantized_dir, load_quantized, save_quantized
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import apiq_jax.finetune as ft
+import apiq_jax.training as ft
 from apiq_jax.lora import LoraConfig
 from apiq_jax.models import ModelConfig, init_params, quantize_model
 from apiq_jax.quant import QuantConfig

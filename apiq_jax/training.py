@@ -1,4 +1,4 @@
-"""LoRA finetuning on top of a frozen quantized model, with optax and resumable orbax checkpoints.
+"""Training: LoRA finetuning on top of a frozen quantized model, with optax and resumable orbax checkpoints.
 
 The frozen weights (QuantizedTensor leaves, norms, embeddings) are never differentiated:
 the loss is a function of the LoRA pytree only, and one jitted step updates it with an
