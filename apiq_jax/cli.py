@@ -64,18 +64,35 @@ def _load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
             "quantized": False}
 
 
-def load_token_data(data: Path, model_dir: Path, seqlen: int | None, max_len: int) -> Any:
-    """Token windows ``[n, seqlen]`` from ``.npy`` ids or ``.txt`` text (tokenized with ``model_dir``'s tokenizer)."""
-    import numpy as np
-
-    if not data.is_file():
-        raise FileNotFoundError(f"--data {data}: file not found")
-    suffix = data.suffix.lower()
+def check_data_file(path: Path, flag: str) -> str:
+    """The lower-case suffix of an existing ``.npy``/``.txt`` data file; clear errors otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: file not found")
+    suffix = path.suffix.lower()
     if suffix not in DATA_SUFFIXES:
         raise ValueError(
-            f"--data {data}: unsupported file type {suffix or '(none)'!r}; accepted: "
+            f"{flag} {path}: unsupported file type {suffix or '(none)'!r}; accepted: "
             ".npy (int token ids, [n, seqlen] or 1-D) or .txt (raw text)"
         )
+    return suffix
+
+
+def load_int_npy(path: Path, flag: str) -> Any:
+    """An integer ``.npy`` array (token ids); ValueError naming ``flag`` and the file otherwise."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{flag} {path}: cannot read as a .npy array: {e}") from e
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{flag} {path}: token ids must be integers, got dtype {arr.dtype}")
+    return arr
+
+
+def load_token_data(data: Path, model_dir: Path, seqlen: int | None, max_len: int) -> Any:
+    """Token windows ``[n, seqlen]`` from ``.npy`` ids or ``.txt`` text (tokenized with ``model_dir``'s tokenizer)."""
+    suffix = check_data_file(data, "--data")
     window = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len)
     if suffix == ".txt":
         from apiq_jax.evaluate import text_to_windows
@@ -83,12 +100,7 @@ def load_token_data(data: Path, model_dir: Path, seqlen: int | None, max_len: in
 
         text = data.read_text(encoding="utf-8")
         return text_to_windows(text, load_tokenizer(model_dir), window)
-    try:
-        arr = np.load(data, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"--data {data}: cannot read as a .npy array: {e}") from e
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"--data {data}: token ids must be integers, got dtype {arr.dtype}")
+    arr = load_int_npy(data, "--data")
     if arr.ndim == 1:
         from apiq_jax.evaluate import windows
 
@@ -132,48 +144,29 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- quantize / demo (logic in apiq_jax.commands) -----------------------------------------
-def _register_quantize(subparsers: Any) -> None:
-    from apiq_jax.commands import quantize
-
-    p = subparsers.add_parser(
-        "quantize",
-        help="calibrate an HF model (apiq-bw, apiq-lw, loftq, qlora, rtn, gptq) and save it",
-        description=quantize.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    quantize.add_arguments(p)
-    p.set_defaults(func=quantize.run)
+# --- quantize / finetune / demo (logic in apiq_jax.commands) --------------------------------
+#: subcommand -> one-line help; each has a module apiq_jax.commands.<name> with
+#: ``add_arguments(parser)`` and ``run(args) -> int`` and its usage as the module docstring
+_MODULE_COMMANDS = {
+    "quantize": "calibrate an HF model (apiq-bw, apiq-lw, loftq, qlora, rtn, gptq) and save it",
+    "finetune": "train the LoRA factors of a saved quantized model (resumable)",
+    "demo": "offline demo: 2-bit quantization of the bundled model with every method",
+}
 
 
-def _register_finetune(subparsers: Any) -> None:
-    from apiq_jax.commands import finetune
+def _register_module_commands(subparsers: Any) -> None:
+    import importlib
 
-    p = subparsers.add_parser(
-        "finetune",
-        help="train the LoRA factors of a saved quantized model (resumable)",
-        description=finetune.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    finetune.add_arguments(p)
-    p.set_defaults(func=finetune.run)
-
-
-def _register_demo(subparsers: Any) -> None:
-    from apiq_jax.commands import demo
-
-    p = subparsers.add_parser(
-        "demo",
-        help="offline demo: 2-bit quantization of the bundled model with every method",
-        description=demo.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
+    for name, help_text in _MODULE_COMMANDS.items():
+        module = importlib.import_module(f"apiq_jax.commands.{name}")
+        p = subparsers.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
 
 # --- dispatcher ---------------------------------------------------------------------------
-_COMMANDS: list[Callable[[Any], None]] = [_register_eval, _register_quantize, _register_finetune, _register_demo]
+_COMMANDS: list[Callable[[Any], None]] = [_register_eval, _register_module_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,6 @@ METHOD_SCHEMES: dict[str, tuple[str, ...]] = {
 DEFAULT_SCHEME = {"qlora": "nf", "loftq": "nf"}
 DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 2048
-CALIB_SUFFIXES = (".npy", ".txt")
 #: per-block checkpoints of an ApiQ run inside --out; removed once the model is saved
 WORK_SUBDIR = "calibration_work"
 
@@ -87,14 +86,9 @@ def load_calibration(
     vocab_size: int,
 ) -> np.ndarray:
     """Calibration ids ``[n, seqlen]`` from ``.npy`` ids or ``.txt`` text (see module doc)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--calib {path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in CALIB_SUFFIXES:
-        raise ValueError(
-            f"--calib {path}: unsupported file type {suffix or '(none)'!r}; accepted: .npy (int token "
-            "ids, [n, seqlen] or 1-D) or .txt (raw text)"
-        )
+    from apiq_jax.cli import check_data_file, load_int_npy
+
+    suffix = check_data_file(path, "--calib")
     n = DEFAULT_NSAMPLES if nsamples is None else nsamples
     if suffix == ".txt":
         from apiq_jax.models import load_tokenizer
@@ -107,12 +101,7 @@ def load_calibration(
         length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, stream.size)
         ids = draw_windows(stream, n, length, seed, str(path))
     else:
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"--calib {path}: cannot read as a .npy array: {e}") from e
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"--calib {path}: token ids must be integers, got dtype {arr.dtype}")
+        arr = load_int_npy(path, "--calib")
         if arr.ndim == 1:
             length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, arr.size)
             ids = draw_windows(arr, n, length, seed, str(path))
