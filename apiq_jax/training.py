@@ -52,9 +52,12 @@ class FinetuneConfig:
 
 def make_optimizer(cfg: FinetuneConfig) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay, and optional global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1)
-    )
+    if cfg.warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1)
+        )
+    else:  # no warm-up: the first step already uses the peak rate
+        schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
     parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)

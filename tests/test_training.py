@@ -75,3 +75,13 @@ def test_bad_input(setup):
         ft.finetune(frozen, lora, CFG, lcfg.scale, ids + 64, ft.FinetuneConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="shape"):
         ft.finetune(frozen, lora, CFG, lcfg.scale, ids[0], ft.FinetuneConfig(steps=1), progress=False)
+
+
+def test_schedule_warmup_and_first_step():
+    no_warmup = ft.make_optimizer(ft.FinetuneConfig(steps=10, learning_rate=1e-2, max_grad_norm=None))
+    params = {"w": jnp.ones(3)}
+    updates, _ = no_warmup.update({"w": jnp.ones(3)}, no_warmup.init(params), params)
+    assert float(jnp.abs(updates["w"]).max()) > 5e-3  # step 0 moves at (nearly) the peak rate
+    warm = ft.make_optimizer(ft.FinetuneConfig(steps=10, learning_rate=1e-2, warmup_steps=4, max_grad_norm=None))
+    updates, _ = warm.update({"w": jnp.ones(3)}, warm.init(params), params)
+    assert float(jnp.abs(updates["w"]).max()) == 0.0  # linear warm-up starts from 0
