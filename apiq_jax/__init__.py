@@ -10,7 +10,8 @@ The public API, re-exported from the modules that implement it:
 * calibration (:mod:`apiq_jax.calibration`): :func:`apiq_bw`, :func:`apiq_lw` and the
   baselines :func:`rtn_init`, :func:`qlora_init`, :func:`loftq_init`, :func:`gptq_init`;
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`activation_errors`;
-* finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune`.
+* finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune` (LoRA, or any
+  pytree with a ``loss_fn``, e.g. a soft prompt from :mod:`apiq_jax.prompt_tuning`).
 
 Submodules not re-exported here (``apiq_jax.qmatmul``, ``apiq_jax.checkpoint``,
 ``apiq_jax.compare``) are public too; import them directly.
@@ -32,6 +33,7 @@ from apiq_jax.calibration import (
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
 from apiq_jax.training import FinetuneConfig, finetune
 from apiq_jax.lora import LoraConfig, init_lora, lora_from_factors, merge_lora
+from apiq_jax.prompt_tuning import init_prompt, prompt_forward, prompt_loss_fn
 from apiq_jax.models import (
     LlamaForCausalLM,
     ModelConfig,
@@ -51,8 +53,8 @@ __all__ = [
     "METHODS", "ApiQOptions", "CalibrationReport", "CalibrationResult", "FinetuneConfig",
     "LlamaForCausalLM", "LoraConfig", "ModelConfig", "QuantConfig", "QuantizedTensor",
     "activation_errors", "apiq_bw", "apiq_lw", "apply", "bits_per_param", "dequantize",
-    "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "load_pretrained",
+    "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "init_prompt", "load_pretrained",
     "load_quantized", "load_tokenizer", "loftq_init", "lora_from_factors", "merge_lora",
-    "perplexity", "perplexity_ids", "qlora_init", "quantize", "quantize_model", "rtn_init",
+    "perplexity", "perplexity_ids", "prompt_forward", "prompt_loss_fn", "qlora_init", "quantize", "quantize_model", "rtn_init",
     "save_pretrained", "save_quantized",
 ]

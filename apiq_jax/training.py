@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -76,14 +76,25 @@ def causal_lm_loss(
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
 
-def make_train_step(config: ModelConfig, lora_scale: float, optimizer: optax.GradientTransformation):
-    """A jitted ``step(lora, opt_state, frozen, ids) -> (lora, opt_state, loss)``."""
+LossFn = Callable[[Any, Mapping[str, Any], jnp.ndarray], jnp.ndarray]
+
+
+def make_train_step(
+    config: ModelConfig, lora_scale: float, optimizer: optax.GradientTransformation, loss_fn: LossFn | None = None
+):
+    """A jitted ``step(trainable, opt_state, frozen, ids) -> (trainable, opt_state, loss)``.
+
+    ``loss_fn(trainable, frozen, ids)`` defaults to :func:`causal_lm_loss` of a LoRA tree.
+    """
+    if loss_fn is None:
+        def loss_fn(lora, frozen, ids):
+            return causal_lm_loss(lora, frozen, ids, config, lora_scale)
 
     @jax.jit
-    def step(lora, opt_state, frozen, ids):
-        loss, grads = jax.value_and_grad(causal_lm_loss)(lora, frozen, ids, config, lora_scale)
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, loss
+    def step(trainable, opt_state, frozen, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
 
     return step
 
@@ -109,11 +120,14 @@ def finetune(
     *,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], list[float]]:
+    loss_fn: LossFn | None = None,
+) -> tuple[Any, list[float]]:
     """Train ``lora`` on token windows ``train_ids [n, seqlen]``; returns (lora, loss per step).
 
     With ``checkpoint_dir`` the state is saved every ``cfg.save_every`` steps and at the
     end, and an existing checkpoint there is resumed from (its loss history included).
+    ``loss_fn(trainable, frozen, ids)`` trains another pytree in place of ``lora`` (e.g. a
+    soft prompt, see :func:`apiq_jax.prompt_tuning.prompt_loss_fn`).
     """
     ids = np.asarray(train_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
@@ -123,7 +137,7 @@ def finetune(
             f"train_ids hold ids in [{ids.min()}, {ids.max()}]; accepted: 0 <= id < {model_config.vocab_size}"
         )
     optimizer = make_optimizer(cfg)
-    step_fn = make_train_step(model_config, lora_scale, optimizer)
+    step_fn = make_train_step(model_config, lora_scale, optimizer, loss_fn)
     state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.int32(0),
              "losses": jnp.zeros((cfg.steps,), jnp.float32)}
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None

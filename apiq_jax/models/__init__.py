@@ -30,6 +30,7 @@ from apiq_jax.models.llama import (
     final_logits,
     flatten_params,
     forward,
+    forward_embeddings,
     forward_jit,
     init_params,
     linear,
@@ -50,7 +51,7 @@ from apiq_jax.models.quantized_io import is_quantized_dir, load_quantized, save_
 __all__ = [
     "DEFAULT_TARGETS", "LINEARS", "LlamaForCausalLM", "ModelConfig", "QuantizedWeight", "apply",
     "block_forward", "block_outputs", "block_outputs_jit", "check_params", "copy_tokenizer_files",
-    "dequantize_params", "embed", "final_logits", "flatten_params", "forward", "forward_jit",
+    "dequantize_params", "embed", "final_logits", "flatten_params", "forward", "forward_embeddings", "forward_jit",
     "hf_name", "init_params", "is_quantized_dir", "linear", "load_config", "load_hf_config",
     "load_params", "load_pretrained", "load_quantized", "load_tokenizer", "param_shapes",
     "quantize_model", "quantize_params", "quantized_linear_names", "save_pretrained",

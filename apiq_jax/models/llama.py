@@ -411,6 +411,25 @@ def forward(
     (as transformers does without explicit ``position_ids``).
     """
     x = embed(params, ids, config)
+    return forward_embeddings(params, lora, x, config, lora_scale=lora_scale, attention_mask=attention_mask,
+                              positions=positions)
+
+
+def forward_embeddings(
+    params: Mapping[str, Any],
+    lora: Mapping[str, Any] | None,
+    x: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora_scale: float | jnp.ndarray = 1.0,
+    attention_mask: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Logits ``[b, s, V]`` from input embeddings ``x [b, s, D]`` instead of ids.
+
+    The entry point for methods that edit the input sequence (prompt tuning prepends
+    learned vectors); otherwise identical to :func:`forward`.
+    """
     x, _ = _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, False)
     return final_logits(params, x, config)
 

@@ -1,0 +1,82 @@
+"""Prompt tuning (Lester et al., 2021) on top of a frozen, possibly quantized, model.
+
+A soft prompt is ``n`` learned vectors ``[n, D]`` placed in front of the embedded input;
+everything else (quantized weights, embeddings, LoRA if any) stays frozen. It composes
+with LoRA: pass the LoRA tree to :func:`prompt_forward` to run both. Train it with
+:func:`apiq_jax.training.finetune` and ``loss_fn=prompt_loss_fn(config)``::
+
+    prompt = init_prompt(frozen, config, 16, key=jax.random.key(0))
+    prompt, losses = finetune(frozen, prompt, config, 1.0, train_ids, cfg, loss_fn=prompt_loss_fn(config))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import embed, forward_embeddings
+from apiq_jax.quant import QuantizedTensor, dequantize
+
+PROMPT_INITS = ("vocab", "normal")
+
+
+def _embedding_table(params: Mapping[str, Any]) -> jnp.ndarray:
+    table = params["embed_tokens"]
+    return dequantize(table) if isinstance(table, QuantizedTensor) else table
+
+
+def init_prompt(
+    params: Mapping[str, Any], config: ModelConfig, n_tokens: int, *, key: jax.Array, init: str = "vocab"
+) -> jnp.ndarray:
+    """A soft prompt ``[n_tokens, D]`` (float32).
+
+    ``init="vocab"`` copies the embeddings of ``n_tokens`` random vocabulary entries (the
+    initialisation Lester et al. found best); ``"normal"`` draws N(0, sigma^2) with sigma the
+    standard deviation of the embedding table.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} must be a positive int")
+    if init not in PROMPT_INITS:
+        raise ValueError(f"init={init!r} is not supported; accepted: {PROMPT_INITS}")
+    table = _embedding_table(params).astype(jnp.float32)
+    if init == "vocab":
+        rows = jax.random.choice(key, config.vocab_size, (n_tokens,), replace=n_tokens > config.vocab_size)
+        return table[rows]
+    return jax.random.normal(key, (n_tokens, config.hidden_size), jnp.float32) * jnp.std(table)
+
+
+def prompt_forward(
+    params: Mapping[str, Any],
+    prompt: jnp.ndarray,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+) -> jnp.ndarray:
+    """Logits ``[b, s, V]`` at the positions of ``ids [b, s]`` with ``prompt [n, D]`` prepended."""
+    if prompt.ndim != 2 or prompt.shape[1] != config.hidden_size:
+        raise ValueError(f"prompt has shape {prompt.shape}; expected [n_tokens, {config.hidden_size}]")
+    x = embed(params, ids, config)
+    soft = jnp.broadcast_to(prompt.astype(x.dtype)[None], (x.shape[0], *prompt.shape))
+    logits = forward_embeddings(params, lora, jnp.concatenate([soft, x], axis=1), config, lora_scale=lora_scale)
+    return logits[:, prompt.shape[0]:]
+
+
+def prompt_loss_fn(
+    config: ModelConfig, *, lora: Mapping[str, Any] | None = None, lora_scale: float = 1.0
+) -> Callable[[jnp.ndarray, Mapping[str, Any], jnp.ndarray], jnp.ndarray]:
+    """``loss(prompt, frozen, ids)``: mean next-token NLL of ``ids`` after the soft prompt."""
+
+    def loss(prompt: jnp.ndarray, frozen: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+        frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+        logits = prompt_forward(frozen, prompt, ids, config, lora=lora, lora_scale=lora_scale)
+        logits = logits[:, :-1].astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
+
+    return loss
