@@ -11,12 +11,14 @@ The public API, re-exported from the modules that implement it:
   baselines :func:`rtn_init`, :func:`qlora_init`, :func:`loftq_init`, :func:`gptq_init`;
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`activation_errors`;
 * finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune` (LoRA, or any
-  pytree with a ``loss_fn``, e.g. a soft prompt from :mod:`apiq_jax.prompt_tuning`).
+  pytree with a ``loss_fn``: a soft prompt from :mod:`apiq_jax.prompt_tuning`, bottleneck
+  adapters from :mod:`apiq_jax.adapters`).
 
 Submodules not re-exported here (``apiq_jax.qmatmul``, ``apiq_jax.checkpoint``,
 ``apiq_jax.compare``) are public too; import them directly.
 """
 
+from apiq_jax.adapters import adapter_forward, adapter_loss_fn, init_adapters
 from apiq_jax.calibration import (
     METHODS,
     ApiQOptions,
@@ -31,9 +33,7 @@ from apiq_jax.calibration import (
     rtn_init,
 )
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
-from apiq_jax.training import FinetuneConfig, finetune
 from apiq_jax.lora import LoraConfig, init_lora, lora_from_factors, merge_lora
-from apiq_jax.prompt_tuning import init_prompt, prompt_forward, prompt_loss_fn
 from apiq_jax.models import (
     LlamaForCausalLM,
     ModelConfig,
@@ -45,12 +45,21 @@ from apiq_jax.models import (
     save_pretrained,
     save_quantized,
 )
-from apiq_jax.quant import QuantConfig, QuantizedTensor, bits_per_param, dequantize, fake_quantize, quantize
+from apiq_jax.prompt_tuning import init_prompt, prompt_forward, prompt_loss_fn
+from apiq_jax.quant import (
+    QuantConfig,
+    QuantizedTensor,
+    bits_per_param,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
+from apiq_jax.training import FinetuneConfig, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "ApiQOptions", "CalibrationReport", "CalibrationResult", "FinetuneConfig",
+    "METHODS", "ApiQOptions", "adapter_forward", "adapter_loss_fn", "init_adapters", "CalibrationReport", "CalibrationResult", "FinetuneConfig",
     "LlamaForCausalLM", "LoraConfig", "ModelConfig", "QuantConfig", "QuantizedTensor",
     "activation_errors", "apiq_bw", "apiq_lw", "apply", "bits_per_param", "dequantize",
     "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "init_prompt", "load_pretrained",

@@ -16,11 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import embed, forward_embeddings
 from apiq_jax.quant import QuantizedTensor, dequantize
+from apiq_jax.training import next_token_nll
 
 PROMPT_INITS = ("vocab", "normal")
 
@@ -76,7 +76,6 @@ def prompt_loss_fn(
     def loss(prompt: jnp.ndarray, frozen: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
         frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
         logits = prompt_forward(frozen, prompt, ids, config, lora=lora, lora_scale=lora_scale)
-        logits = logits[:, :-1].astype(jnp.float32)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
+        return next_token_nll(logits, ids)
 
     return loss

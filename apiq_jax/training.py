@@ -72,7 +72,12 @@ def causal_lm_loss(
 ) -> jnp.ndarray:
     """Mean next-token NLL of ``ids [b, s]`` (a function of ``lora`` only; ``frozen`` is constant)."""
     frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-    logits = forward(frozen, lora, ids, config, lora_scale=lora_scale)[:, :-1].astype(jnp.float32)
+    return next_token_nll(forward(frozen, lora, ids, config, lora_scale=lora_scale), ids)
+
+
+def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
+    """Mean NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float32)."""
+    logits = logits[:, :-1].astype(jnp.float32)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
 

@@ -115,3 +115,41 @@ def test_quantize_option_mismatch(tiny_dir, data, tmp_path, capsys):
     assert code != 0 and "--scheme nf is not supported by --method apiq-bw" in err
     code, _, err = _run(_quantize_args(tiny_dir, tmp_path / "o", data["stream"], "rtn", "--seqlen", "600"), capsys)
     assert code != 0 and "fewer than one window" in err
+
+
+def test_interrupted_quantize_resumes_on_rerun(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    """An ApiQ run stopped after block 0 continues there when the same command is re-run."""
+    from apiq_jax.commands import quantize as qcmd
+
+    extra = ("--epochs", "1", "--nsamples", "2", "--seqlen", "16")
+    full = tmp_path / "full"
+    assert _run(_quantize_args(tiny_dir, full, data["stream"], "apiq-bw", *extra), capsys)[0] == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_block_0(i, report):
+        if i == 0:
+            raise Stop
+
+    original = qcmd.method_options
+
+    def interrupting(*args, **kwargs):
+        return {**original(*args, **kwargs), "on_block_end": stop_after_block_0}
+
+    out = tmp_path / "resumed"
+    argv = _quantize_args(tiny_dir, out, data["stream"], "apiq-bw", *extra)
+    monkeypatch.setattr(qcmd, "method_options", interrupting)
+    with pytest.raises(Stop):
+        main(argv)
+    assert (out / qcmd.WORK_SUBDIR / "streams" / "0").is_dir()  # block 0 was checkpointed
+    monkeypatch.setattr(qcmd, "method_options", original)
+    assert _run(argv, capsys)[0] == 0
+    assert not (out / qcmd.WORK_SUBDIR).exists()  # removed once the model is saved
+
+    *_, meta = load_quantized(out)
+    assert meta["report"]["extra"]["resumed_from_block"] == 1
+    _, lora_full, *_ = load_quantized(full)
+    _, lora_res, *_ = load_quantized(out)
+    for a, b in zip(jax.tree.leaves(lora_full), jax.tree.leaves(lora_res)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -69,11 +69,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apiq_jax.evaluate import activation_errors, relative_error
 from apiq_jax.lora import LoraConfig
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import LINEARS, block_forward, embed, is_quantized, linear_shapes
 from apiq_jax.models.quantized import quantize_params
-from apiq_jax.quant import QuantConfig, QuantizedTensor, quantize
+from apiq_jax.quant import QuantConfig, quantize
 
 __all__ = [
     "QUANT_TARGETS", "BlockReport", "CalibrationMethod", "CalibrationReport", "CalibrationResult",
@@ -437,13 +438,6 @@ def run_block(
     return jax.lax.map(one, xs)
 
 
-def relative_error(x_ref: Any, x: Any) -> float:
-    """``||x_ref - x||^2 / ||x_ref||^2`` in float64 on the host."""
-    a = np.asarray(x_ref, np.float64)
-    b = np.asarray(x, np.float64)
-    return float(np.sum((a - b) ** 2) / np.sum(a * a))
-
-
 def block_errors(
     fp_params: Mapping[str, Any],
     q_params: Mapping[str, Any],
@@ -456,17 +450,10 @@ def block_errors(
 
     The full-precision stream runs ``fp_params`` (no LoRA); the quantized stream runs
     ``q_params`` with ``lora`` active; block i's error is
-    ``||x_fp_i - x_q_i||^2 / ||x_fp_i||^2`` over all samples.
+    ``||x_fp_i - x_q_i||^2 / ||x_fp_i||^2`` over all samples
+    (:func:`apiq_jax.evaluate.activation_errors`).
     """
-    x_fp = embed_ids(fp_params, ids, config)
-    x_q = embed_ids(q_params, ids, config)
-    errs = []
-    for i, (lp_fp, lp_q) in enumerate(zip(fp_params["layers"], q_params["layers"])):
-        lo = None if lora is None else lora["layers"][i]
-        x_fp = run_block(lp_fp, x_fp, config, None, 1.0, layer_idx=i)
-        x_q = run_block(lp_q, x_q, config, lo, lora_scale, layer_idx=i)
-        errs.append(relative_error(x_fp, x_q))
-    return errs
+    return activation_errors(fp_params, q_params, ids, config=config, lora=lora, lora_scale=lora_scale)
 
 
 # --- resources -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from apiq_jax.calibration import METHODS, CalibrationReport, apiq_bw, apiq_lw
 from apiq_jax.calibration.apiq import LW_STAGES, ApiQOptions, _lw_loss, lw_stage_inputs, train_block_bw
 from apiq_jax.models.llama import block_forward, linear
-from apiq_jax.quant import QuantConfig, dequantize, fake_quantize, init_clip
+from apiq_jax.quant import QuantConfig, fake_quantize, init_clip
 from tests.calibration import resume_worker as W
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,82 @@
+"""Bottleneck adapters (Houlsby et al., 2019; the Pfeiffer placement) on a frozen model.
+
+One adapter per decoder block, applied to the block's output as a residual bottleneck::
+
+    x <- x + up(gelu(down(x)))        down: [D, r], up: [r, D]
+
+with ``up`` zero-initialised so the adapted model starts as the frozen one. Adapters are a
+pytree of their own (``{"layers": [{"down", "down_bias", "up", "up_bias"}, ...]}``), kept
+apart from the frozen (quantized) weights, and compose with LoRA. Train them with
+:func:`apiq_jax.training.finetune` and ``loss_fn=adapter_loss_fn(config)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import block_forward, embed, final_logits
+from apiq_jax.training import next_token_nll
+
+Adapters = dict[str, list[dict[str, jnp.ndarray]]]
+
+
+def init_adapters(config: ModelConfig, bottleneck: int, *, key: jax.Array, std: float = 1e-3) -> Adapters:
+    """Adapters for every block: ``down ~ N(0, std^2)``, ``up = 0`` (identity at init), float32."""
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+        raise ValueError(f"bottleneck={bottleneck!r} must be a positive int")
+    d = config.hidden_size
+    keys = jax.random.split(key, config.num_hidden_layers)
+    return {"layers": [
+        {"down": std * jax.random.normal(k, (d, bottleneck), jnp.float32),
+         "down_bias": jnp.zeros((bottleneck,), jnp.float32),
+         "up": jnp.zeros((bottleneck, d), jnp.float32),
+         "up_bias": jnp.zeros((d,), jnp.float32)}
+        for k in keys
+    ]}
+
+
+def apply_adapter(adapter: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+    """``x + up(gelu(down(x)))`` for hidden states ``x [..., D]`` (computed in float32)."""
+    h = x.astype(jnp.float32)
+    z = jax.nn.gelu(h @ adapter["down"] + adapter["down_bias"])
+    return (h + z @ adapter["up"] + adapter["up_bias"]).astype(x.dtype)
+
+
+def adapter_forward(
+    params: Mapping[str, Any],
+    adapters: Adapters,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    lora: Mapping[str, Any] | None = None,
+    lora_scale: float | jnp.ndarray = 1.0,
+) -> jnp.ndarray:
+    """Logits ``[b, s, V]`` of ``ids [b, s]`` with an adapter after every decoder block."""
+    if len(adapters.get("layers", [])) != config.num_hidden_layers:
+        raise ValueError(
+            f"adapters hold {len(adapters.get('layers', []))} layers; the model has {config.num_hidden_layers}"
+        )
+    x = embed(params, ids, config)
+    for i, layer in enumerate(params["layers"]):
+        lo = None if lora is None else lora["layers"][i]
+        x = block_forward(layer, x, config, lora=lo, lora_scale=lora_scale, layer_idx=i)
+        x = apply_adapter(adapters["layers"][i], x)
+    return final_logits(params, x, config)
+
+
+def adapter_loss_fn(
+    config: ModelConfig, *, lora: Mapping[str, Any] | None = None, lora_scale: float = 1.0
+) -> Callable[[Adapters, Mapping[str, Any], jnp.ndarray], jnp.ndarray]:
+    """``loss(adapters, frozen, ids)``: mean next-token NLL with the adapters active."""
+
+    def loss(adapters: Adapters, frozen: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+        frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+        logits = adapter_forward(frozen, adapters, ids, config, lora=lora, lora_scale=lora_scale)
+        return next_token_nll(logits, ids)
+
+    return loss
