@@ -12,7 +12,9 @@ The public API, re-exported from the modules that implement it:
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`activation_errors`;
 * finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune` (LoRA, or any
   pytree with a ``loss_fn``: a soft prompt from :mod:`apiq_jax.prompt_tuning`, bottleneck
-  adapters from :mod:`apiq_jax.adapters`).
+  adapters from :mod:`apiq_jax.adapters`);
+* quantization-aware training (:mod:`apiq_jax.qat`): :func:`qat_split`, :func:`qat_loss_fn`,
+  :func:`qat_optimizer`, :func:`qat_freeze`.
 
 Submodules not re-exported here (``apiq_jax.qmatmul``, ``apiq_jax.checkpoint``,
 ``apiq_jax.compare``) are public too; import them directly.
@@ -46,6 +48,7 @@ from apiq_jax.models import (
     save_quantized,
 )
 from apiq_jax.prompt_tuning import init_prompt, prompt_forward, prompt_loss_fn
+from apiq_jax.qat import qat_freeze, qat_loss_fn, qat_optimizer, qat_split
 from apiq_jax.quant import (
     QuantConfig,
     QuantizedTensor,
@@ -64,6 +67,6 @@ __all__ = [
     "activation_errors", "apiq_bw", "apiq_lw", "apply", "bits_per_param", "dequantize",
     "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "init_prompt", "load_pretrained",
     "load_quantized", "load_tokenizer", "loftq_init", "lora_from_factors", "merge_lora",
-    "perplexity", "perplexity_ids", "prompt_forward", "prompt_loss_fn", "qlora_init", "quantize", "quantize_model", "rtn_init",
+    "perplexity", "perplexity_ids", "prompt_forward", "prompt_loss_fn", "qat_freeze", "qat_loss_fn", "qat_optimizer", "qat_split", "qlora_init", "quantize", "quantize_model", "rtn_init",
     "save_pretrained", "save_quantized",
 ]

@@ -126,13 +126,15 @@ def finetune(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     loss_fn: LossFn | None = None,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[Any, list[float]]:
     """Train ``lora`` on token windows ``train_ids [n, seqlen]``; returns (lora, loss per step).
 
     With ``checkpoint_dir`` the state is saved every ``cfg.save_every`` steps and at the
     end, and an existing checkpoint there is resumed from (its loss history included).
     ``loss_fn(trainable, frozen, ids)`` trains another pytree in place of ``lora`` (e.g. a
-    soft prompt, see :func:`apiq_jax.prompt_tuning.prompt_loss_fn`).
+    soft prompt, see :func:`apiq_jax.prompt_tuning.prompt_loss_fn`); ``optimizer`` replaces
+    :func:`make_optimizer` (e.g. per-group learning rates, :func:`apiq_jax.qat.qat_optimizer`).
     """
     ids = np.asarray(train_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
@@ -141,7 +143,7 @@ def finetune(
         raise ValueError(
             f"train_ids hold ids in [{ids.min()}, {ids.max()}]; accepted: 0 <= id < {model_config.vocab_size}"
         )
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg) if optimizer is None else optimizer
     step_fn = make_train_step(model_config, lora_scale, optimizer, loss_fn)
     state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.int32(0),
              "losses": jnp.zeros((cfg.steps,), jnp.float32)}
