@@ -22,6 +22,7 @@ from apiq_jax.evaluate import activation_errors, perplexity_ids
 from apiq_jax.lora import LoraConfig
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.quant import QuantConfig
+from apiq_jax.training import FinetuneConfig, finetune
 
 #: quantizer scheme per method (QLoRA and LoftQ store NormalFloat, the others the uniform grid)
 SCHEMES = {"rtn": "asym", "qlora": "nf", "loftq": "nf", "apiq-lw": "asym", "apiq-bw": "asym", "gptq": "asym"}
@@ -69,8 +70,15 @@ def calibrate_and_measure(
     seed: int = 0,
     epochs: int | None = None,
     progress: bool = False,
+    finetune_ids: np.ndarray | None = None,
+    finetune_config: FinetuneConfig | None = None,
 ) -> dict[str, Any]:
-    """Calibrate with method ``name`` and measure the result; one row of the comparison."""
+    """Calibrate with method ``name`` and measure the result; one row of the comparison.
+
+    With ``finetune_ids`` the LoRA factors are then finetuned on them (``finetune_config``)
+    on top of the frozen quantized weights, and the row gains ``perplexity_finetuned`` and
+    the loss curve: how good a starting point each initialisation is.
+    """
     opts: dict[str, Any] = {"progress": progress}
     if name.startswith("apiq") and epochs is not None:
         opts["epochs"] = epochs
@@ -81,12 +89,19 @@ def calibrate_and_measure(
                          batch_size=EVAL_BATCH).perplexity
     errs = activation_errors(params, res.params, eval_ids, config=config, lora=res.lora,
                              lora_scale=res.lora_scale, batch_size=EVAL_BATCH)
-    return {
+    row = {
         "method": name, "label": LABELS[name], "scheme": qcfg.scheme, "bits": qcfg.bits,
         "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
         "mean_activation_error": float(np.mean(errs)), "activation_errors": [float(e) for e in errs],
         "seconds": res.report.seconds, "peak_rss_mb": res.report.peak_rss_mb,
     }
+    if finetune_ids is not None:
+        lora, losses = finetune(res.params, res.lora, config, res.lora_scale, finetune_ids,
+                                finetune_config or FinetuneConfig(), progress=progress)
+        row["perplexity_finetuned"] = perplexity_ids(res.params, eval_ids, config=config, lora=lora,
+                                                     lora_scale=res.lora_scale, batch_size=EVAL_BATCH).perplexity
+        row["finetune_losses"] = losses
+    return row
 
 
 def compare_methods(
@@ -102,8 +117,13 @@ def compare_methods(
     epochs: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    finetune_ids: np.ndarray | None = None,
+    finetune_config: FinetuneConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Full-precision row followed by one row per method (each with its scheme from :data:`SCHEMES`)."""
+    """Full-precision row followed by one row per method (each with its scheme from :data:`SCHEMES`).
+
+    ``finetune_ids``/``finetune_config``: see :func:`calibrate_and_measure`.
+    """
     unknown = [m for m in methods if m not in SCHEMES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; accepted: {', '.join(SCHEMES)}")
@@ -115,20 +135,29 @@ def compare_methods(
             print(f"[compare] {name}: calibrating ({bits}-bit {qcfg.scheme}, group {group_size})",
                   flush=True, file=sys.stderr)
         rows.append(calibrate_and_measure(name, params, config, calib_ids, eval_ids, qcfg, lcfg,
-                                          seed=seed, epochs=epochs, progress=progress))
+                                          seed=seed, epochs=epochs, progress=progress,
+                                          finetune_ids=finetune_ids, finetune_config=finetune_config))
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of comparison rows."""
+    tuned = any("perplexity_finetuned" in r for r in rows)
     head = "| method | bits/param | perplexity | mean act. error | calib. time (s) |"
     sep = "|---|---:|---:|---:|---:|"
+    if tuned:
+        head += " perplexity after finetuning |"
+        sep += "---:|"
     lines = [head, sep]
     for r in rows:
         bpp = "32 (fp32)" if r["bits_per_param"] is None else f"{r['bits_per_param']:.3f}"
         err = "0" if r["mean_activation_error"] == 0 else f"{r['mean_activation_error']:.4f}"
         sec = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"| {r['label']} | {bpp} | {r['perplexity']:.2f} | {err} | {sec} |")
+        line = f"| {r['label']} | {bpp} | {r['perplexity']:.2f} | {err} | {sec} |"
+        if tuned:
+            ft = r.get("perplexity_finetuned")
+            line += " - |" if ft is None else f" {ft:.2f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -145,7 +174,13 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None
     qrows = rows[1:]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["label"] for r in qrows]
-    ax0.bar(range(len(qrows)), [r["perplexity"] for r in qrows], color="tab:blue")
+    xs = np.arange(len(qrows))
+    if any("perplexity_finetuned" in r for r in qrows):
+        ax0.bar(xs - 0.2, [r["perplexity"] for r in qrows], 0.4, color="tab:blue", label="after calibration")
+        ax0.bar(xs + 0.2, [r.get("perplexity_finetuned", np.nan) for r in qrows], 0.4, color="tab:green",
+                label="after LoRA finetuning")
+    else:
+        ax0.bar(xs, [r["perplexity"] for r in qrows], color="tab:blue")
     ax0.axhline(fp["perplexity"], color="k", ls="--", label=f"full precision ({fp['perplexity']:.2f})")
     ax0.set_xticks(range(len(qrows)), labels, rotation=20, ha="right")
     ax0.set_ylabel("perplexity (held-out text)")

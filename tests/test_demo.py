@@ -70,6 +70,11 @@ def test_demo_fast_end_to_end(tmp_path):
     assert all(r["mean_activation_error"] > 0 for m, r in rows.items() if m != "fp32")
     assert 2.0 < rows["rtn"]["bits_per_param"] < 3.0
     assert (out / "demo.png").stat().st_size > 10_000
+    # the short LoRA finetuning stage ran for every quantized model
+    assert "perplexity after finetuning |" in stdout
+    for m, r in rows.items():
+        if m != "fp32":
+            assert len(r["finetune_losses"]) == 2 and np.isfinite(r["perplexity_finetuned"])
 
 
 def test_demo_rejects_unknown_method(tmp_path, capsys):

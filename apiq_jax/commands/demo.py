@@ -6,10 +6,12 @@ QLoRA (NF2), LoftQ (NF2), ApiQ-lw and ApiQ-bw. Calibration and evaluation text a
 standard-library modules held out of the model's training, read from the running Python
 install, so nothing is downloaded. For every method the demo prints perplexity on the
 evaluation text and the mean per-block activation error
-``||x_fp - x_q||^2 / ||x_fp||^2`` next to the full-precision model, and writes
-``results.json`` and ``demo.png`` into ``--out``.
+``||x_fp - x_q||^2 / ||x_fp||^2`` next to the full-precision model; then it finetunes each
+method's LoRA factors for a few steps on the calibration text (the frozen 2-bit weights
+untouched) and reports the perplexity again, and writes ``results.json`` and ``demo.png``
+into ``--out``.
 
-    apiq-jax demo [--out runs/demo] [--fast] [--methods rtn,qlora,...] [--epochs E]
+    apiq-jax demo [--out runs/demo] [--fast] [--methods rtn,qlora,...] [--epochs E] [--finetune-steps N]
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ DEMO_METHODS = ("rtn", "qlora", "loftq", "apiq-lw", "apiq-bw")
 ALL_METHODS = DEMO_METHODS + ("gptq",)
 
 # full settings and the reduced --fast ones
-FULL = {"nsamples": 32, "seqlen": 256, "epochs": 10, "eval_windows": 0}
-FAST = {"nsamples": 4, "seqlen": 128, "epochs": 1, "eval_windows": 8}
+FULL = {"nsamples": 32, "seqlen": 256, "epochs": 10, "eval_windows": 0, "finetune_steps": 50}
+FAST = {"nsamples": 4, "seqlen": 128, "epochs": 1, "eval_windows": 8, "finetune_steps": 2}
+#: LoRA finetuning after calibration: batch and peak learning rate (10 warm-up steps, cosine)
+FINETUNE_BATCH = 8
+FINETUNE_LR = 3e-4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"ApiQ epochs per block/layer (default {FULL['epochs']})")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="evaluate on the first N windows only (default: all of the held-out text)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help=f"LoRA finetuning steps after calibration, on the calibration text (default "
+                        f"{FULL['finetune_steps']}; 0 skips finetuning)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows and LoRA init (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -58,8 +66,8 @@ def _settings(args: argparse.Namespace) -> dict[str, int]:
     for k in ("nsamples", "seqlen"):
         if out[k] <= 0:
             raise ValueError(f"--{k} {out[k]} must be a positive integer")
-    if out["epochs"] < 0 or out["eval_windows"] < 0:
-        raise ValueError("--epochs and --eval-windows must be >= 0")
+    if out["epochs"] < 0 or out["eval_windows"] < 0 or out["finetune_steps"] < 0:
+        raise ValueError("--epochs, --eval-windows and --finetune-steps must be >= 0")
     return out
 
 
@@ -79,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from apiq_jax.evaluate import windows
     from apiq_jax.lora import LoraConfig
     from apiq_jax.models import load_pretrained, load_tokenizer
+    from apiq_jax.training import FinetuneConfig
 
     t0 = time.perf_counter()
     settings = _settings(args)
@@ -94,14 +103,19 @@ def run(args: argparse.Namespace) -> int:
         return np.asarray(tok(text, add_special_tokens=True, verbose=False)["input_ids"], np.int64)
 
     seqlen = settings["seqlen"]
-    calib = draw_windows(encode(demo_text("calib")), settings["nsamples"], seqlen, args.seed, "demo calibration text")
+    calib_stream = encode(demo_text("calib"))
+    calib = draw_windows(calib_stream, settings["nsamples"], seqlen, args.seed, "demo calibration text")
     eval_ids = windows(encode(demo_text("eval")), seqlen).astype(np.int32)
     if settings["eval_windows"]:
         eval_ids = eval_ids[: settings["eval_windows"]]
+    steps = settings["finetune_steps"]
     rows = compare_methods(
         params, config, calib, eval_ids, methods, bits=args.bits, group_size=args.group_size,
         lora_config=LoraConfig(rank=args.rank, alpha=args.alpha), epochs=settings["epochs"], seed=args.seed,
         progress=not args.quiet,
+        finetune_ids=windows(calib_stream, seqlen) if steps else None,
+        finetune_config=FinetuneConfig(steps=steps, batch_size=FINETUNE_BATCH, learning_rate=FINETUNE_LR,
+                                       warmup_steps=min(10, steps), seed=args.seed) if steps else None,
     )
 
     out = Path(args.out)
