@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,16 +116,45 @@ def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
     return jax.lax.dot_general(xp, w.reshape(n, g * gs), dims, preferred_element_type=jnp.float32)
 
 
-def qmatmul(x2d: jnp.ndarray, qt: QuantizedTensor, *, backend: str | None = None) -> jnp.ndarray:
+def prepare_params(frozen: Any) -> Any:
+    """``frozen`` with every kernel-supported QuantizedTensor replaced by its kernel layout.
+
+    The Pallas path otherwise re-arranges the packed words on every call (an extra pass
+    over the codes); preparing once, outside ``jit``, lets the kernels read the stored bits
+    directly. The result is for computing (``apply``/``forward``/training accept it), not
+    for :func:`apiq_jax.save_quantized`, which takes the storage layout.
+    """
+
+    def convert(leaf: Any) -> Any:
+        return prepare(leaf) if isinstance(leaf, QuantizedTensor) and kernel_supports(leaf) else leaf
+
+    return jax.tree.map(convert, frozen, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def _prepared_matmul(x2d: jnp.ndarray, w: pallas_kernels.PreparedWeights, name: str) -> jnp.ndarray:
+    if name == "xla" or jnp.dtype(x2d.dtype).name not in pallas_kernels.X_DTYPES:
+        dense = pallas_kernels.dequantize_prepared(w).astype(x2d.dtype)
+        return jax.lax.dot_general(x2d, dense, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    return pallas_kernels.qmatmul(x2d, w, platform=platform, interpret=name == "interpret")
+
+
+def qmatmul(
+    x2d: jnp.ndarray, qt: QuantizedTensor | pallas_kernels.PreparedWeights, *, backend: str | None = None
+) -> jnp.ndarray:
     """``x2d @ dequantize(qt)^T`` as float32 ``[M, N]`` (the caller casts).
 
     Args:
       x2d: activations ``[M, K]`` (float32 or bfloat16 for the kernels; any float for "xla").
-      qt: a 2-D QuantizedTensor ``[N, K]``.
+      qt: a 2-D QuantizedTensor ``[N, K]``, or its kernel layout from :func:`prepare_params`.
       backend: "auto", "pallas", "xla", "interpret" or None for :func:`default_backend`.
     Differentiable with respect to ``x2d`` on every backend; ``qt`` is treated as frozen
     by the kernels. Raises ValueError for an unknown backend or mismatched shapes.
     """
+    if isinstance(qt, pallas_kernels.PreparedWeights):
+        if getattr(x2d, "ndim", None) != 2 or x2d.shape[1] != qt.k:
+            raise ValueError(f"x2d must be [M, {qt.k}] for a weight of shape {qt.shape}, got {getattr(x2d, 'shape', None)}")
+        return _prepared_matmul(x2d, qt, resolve_backend(backend))
     if not isinstance(qt, QuantizedTensor) or qt.ndim != 2:
         raise ValueError(f"qt must be a 2-D QuantizedTensor, got {type(qt).__name__} {getattr(qt, 'shape', None)}")
     if getattr(x2d, "ndim", None) != 2 or x2d.shape[1] != qt.shape[1]:

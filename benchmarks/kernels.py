@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from apiq_jax.qmatmul import qmatmul
+from apiq_jax.qmatmul import prepare, qmatmul
 from apiq_jax.quant import QuantConfig, dequantize, quantize
 
 FULL_M = (1, 16, 128, 1024)
@@ -64,6 +64,9 @@ def bench_shape(m: int, k: int, n: int, bits: int, reps: int, backends: list[str
     for b in backends:
         f = jax.jit(lambda x, q, b=b: qmatmul(x, q, backend=b))
         rows.append((b, _time(lambda: f(x, qt), reps), qbytes))
+        if b == "pallas":  # kernel layout prepared once, as apiq_jax.qmatmul.prepare_params does
+            pw = prepare(qt)
+            rows.append(("pallas prepared", _time(lambda: f(x, pw), reps), _weight_bytes(pw)))
     return rows
 
 

@@ -12,11 +12,17 @@ Modules: :mod:`~pallas_kernels.layout` (kernel layout of the packed weights),
 (custom-VJP entry point).
 """
 
-from pallas_kernels.layout import KERNEL_BITS, PreparedWeights, check_layout, prepare_weights
+from pallas_kernels.dequant import dequantize_prepared
+from pallas_kernels.layout import (
+    KERNEL_BITS,
+    PreparedWeights,
+    check_layout,
+    prepare_weights,
+)
 from pallas_kernels.ops import X_DTYPES, qmatmul
 from pallas_kernels.tuning import BLOCKS, PLATFORMS, blocks_for
 
 __all__ = [
-    "BLOCKS", "KERNEL_BITS", "PLATFORMS", "PreparedWeights", "blocks_for", "check_layout",
+    "BLOCKS", "KERNEL_BITS", "PLATFORMS", "PreparedWeights", "blocks_for", "check_layout", "dequantize_prepared",
     "X_DTYPES", "prepare_weights", "qmatmul",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import PLANES
+from pallas_kernels.layout import PLANES, PreparedWeights
 
 
 def unpack_plane(words: jax.Array, width: int) -> jax.Array:
@@ -43,3 +43,14 @@ def dequant_tile(
     qf = q.astype(jnp.float32).reshape(g, bk // g, bn)
     z = jnp.float32(zero_point) if zeros is None else zeros
     return ((qf - z) * scales).reshape(bk, bn)
+
+
+def dequantize_prepared(w: PreparedWeights) -> jax.Array:
+    """The dense float32 weight ``[N, K]`` of prepared weights (reference / XLA fallback)."""
+    zeros = None if w.zeros is None else w.zeros[:, 0, :]
+    scales = w.scales[:, 0, :]
+    # whole-K "tile": one group row per group along K
+    dense = dequant_tile(list(w.planes), scales[:, None, :], None if zeros is None else zeros[:, None, :],
+                         bits=w.bits, zero_point=w.zero_point)
+    return dense[: w.k, : w.n].T
+

@@ -26,7 +26,6 @@ from pallas_kernels.dequant import dequant_tile
 from pallas_kernels.layout import PLANES, PreparedWeights
 from pallas_kernels.tuning import TRITON_STAGES, TRITON_WARPS, Blocks
 
-
 # Explicit Triton params select the Triton lowering (jax 0.10 defaults to Mosaic GPU).
 _TRITON = pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
 

@@ -52,6 +52,11 @@ class PreparedWeights:
     zero_point: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """Logical ``(N, K)`` of the weight, as the storage layout's ``shape``."""
+        return (self.n, self.k)
+
+    @property
     def k_pad(self) -> int:
         return self.scales.shape[0] * self.group_size
 

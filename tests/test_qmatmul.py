@@ -7,9 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from apiq_jax import qmatmul as qm
 from apiq_jax.lora import LoraConfig
-from apiq_jax.models import ModelConfig, dequantize_params, forward, init_params, quantize_model
+from apiq_jax.models import (
+    ModelConfig,
+    dequantize_params,
+    forward,
+    init_params,
+    quantize_model,
+)
 from apiq_jax.quant import QuantConfig, dequantize, quantize
 
 CFG = ModelConfig("LlamaForCausalLM", 96, 64, 172, 2, 4, 2, 16, tie_word_embeddings=False)
@@ -136,3 +143,23 @@ def test_model_logits_and_lora_grads_equal_dequantized_dense(model):
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=backend)
         assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(g))
+
+
+def test_prepared_params_give_the_same_model(model):
+    """Kernel layout prepared once (prepare_params): same logits and LoRA gradients."""
+    frozen, lora, ids = model
+    prepared = qm.prepare_params(frozen)
+    assert isinstance(prepared["layers"][0]["q_proj"], pallas_kernels.PreparedWeights)
+    assert prepared["embed_tokens"] is frozen["embed_tokens"]
+    ref_logits, ref_g = _logits_and_lora_grad(frozen, lora, ids, None)
+    for backend in ("xla", "interpret"):
+        logits, g = _logits_and_lora_grad(prepared, lora, ids, backend)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=backend)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=backend)
+    # the prepared layout holds exactly the stored weights
+    qt = frozen["layers"][1]["down_proj"]
+    np.testing.assert_array_equal(np.asarray(pallas_kernels.dequantize_prepared(prepared["layers"][1]["down_proj"])),
+                                  np.asarray(dequantize(qt)))
+    with pytest.raises(ValueError, match=r"x2d must be \[M, "):
+        qm.qmatmul(jnp.zeros((2, 3)), prepared["layers"][0]["q_proj"])

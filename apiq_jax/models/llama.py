@@ -34,6 +34,7 @@ from flax import nnx
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qmatmul import qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
+from pallas_kernels import PreparedWeights
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -202,11 +203,11 @@ def linear(
 ) -> jnp.ndarray:
     """``x @ W^T (+ bias) + lora_scale * (x @ a) @ b``.
 
-    ``w`` is a dense ``[out, in]`` array or a QuantizedTensor (routed to
-    :func:`apiq_jax.qmatmul.qmatmul`: Pallas kernels on GPU/TPU, fused XLA dequant-matmul on
-    CPU). The result has ``x``'s dtype.
+    ``w`` is a dense ``[out, in]`` array, a QuantizedTensor or its kernel layout from
+    :func:`apiq_jax.qmatmul.prepare_params` (both routed to :func:`apiq_jax.qmatmul.qmatmul`:
+    Pallas kernels on GPU/TPU, fused XLA dequant-matmul on CPU). The result has ``x``'s dtype.
     """
-    if isinstance(w, QuantizedTensor):
+    if isinstance(w, (QuantizedTensor, PreparedWeights)):
         lead = x.shape[:-1]
         y = qmatmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype).reshape(*lead, w.shape[0])
     else:
