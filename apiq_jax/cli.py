@@ -15,9 +15,10 @@ line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def _register_eval(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype for HF models (default float32)")
+    add_backend_argument(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -62,6 +64,35 @@ def _load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
     model = load_pretrained(model_dir, dtype=dtype)
     return {"params": model.params, "config": model.config, "lora": None, "lora_scale": 1.0,
             "quantized": False}
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """``--backend`` of the commands that run a quantized model."""
+    p.add_argument("--backend", default=None, choices=("auto", "pallas", "xla", "interpret"),
+                   help="low-bit matmul backend for quantized weights (default: $APIQ_QMATMUL_BACKEND or "
+                        "auto = Pallas kernels on GPU/TPU, XLA on CPU)")
+
+
+@contextlib.contextmanager
+def compute_backend(name: str | None) -> Iterator[tuple[str, Callable[[Any], Any]]]:
+    """Run the block with qmatmul backend ``name``; yields (resolved name, params preparer).
+
+    The preparer lays quantized weights out for the kernels once when the Pallas kernels
+    run (:func:`apiq_jax.qmatmul.prepare_params`) and is the identity otherwise.
+    """
+    from apiq_jax.qmatmul import (
+        default_backend,
+        prepare_params,
+        resolve_backend,
+        use_backend,
+    )
+
+    import jax
+
+    with use_backend(name or default_backend()):
+        resolved = resolve_backend(None)
+        jax.clear_caches()  # the backend is fixed at trace time: no cached trace of another one
+        yield resolved, (prepare_params if resolved == "pallas" else (lambda params: params))
 
 
 def check_data_file(path: Path, flag: str) -> str:
@@ -125,10 +156,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     m = _load_eval_model(model_dir, args.dtype)
     ids = load_token_data(Path(args.data), model_dir, args.seqlen, m["config"].max_position_embeddings)
-    res = perplexity_ids(
-        m["params"], ids, config=m["config"], lora=m["lora"], lora_scale=m["lora_scale"],
-        batch_size=args.batch_size,
-    )
+    with compute_backend(args.backend) as (backend, prepare):
+        res = perplexity_ids(
+            prepare(m["params"]), ids, config=m["config"], lora=m["lora"], lora_scale=m["lora_scale"],
+            batch_size=args.batch_size,
+        )
     out = {
         "perplexity": res.perplexity,
         "mean_nll": res.mean_nll,
@@ -139,6 +171,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         "model": str(model_dir),
         "data": str(args.data),
         "quantized": m["quantized"],
+        "backend": backend,
     }
     print(json.dumps(out))
     return 0

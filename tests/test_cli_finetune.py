@@ -71,3 +71,30 @@ def test_finetune_errors(quantized, tiny_dir, data, tmp_path, capsys, change, me
     argv = ["finetune", *[x for kv in args.items() for x in kv], "--quiet"]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_backends_agree_and_pallas_needs_an_accelerator(tiny_dir, data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    quantized = tmp_path / "rtn"  # uniform 2-bit weights: the kernels take them (NF falls back to XLA)
+    assert main(["quantize", "--model", str(tiny_dir), "--method", "rtn", "--bits", "2", "--group-size", "32",
+                 "--rank", "4", "--alpha", "8", "--calib", str(data["calib"]), "--out", str(quantized), "--quiet"]) == 0
+    from apiq_jax.qmatmul import kernel_supports
+
+    assert kernel_supports(load_quantized(quantized)[0]["layers"][0]["q_proj"])
+    import pallas_kernels
+
+    traced = []  # kernel calls while tracing: proves the interpret run really used the kernel
+    kernel = pallas_kernels.qmatmul
+    monkeypatch.setattr(pallas_kernels, "qmatmul", lambda *a, **k: traced.append(k) or kernel(*a, **k))
+    ppl = {}
+    for backend in ("xla", "interpret"):
+        assert main(["eval", "--model", str(quantized), "--data", str(data["eval"]), "--backend", backend]) == 0
+        res = _last_json(capsys)
+        assert res["backend"] == backend
+        ppl[backend] = res["perplexity"]
+        assert bool(traced) == (backend == "interpret"), backend
+    assert abs(ppl["interpret"] / ppl["xla"] - 1) < 1e-5, ppl  # the Pallas kernel path computes the same model
+    assert main(["finetune", "--model", str(quantized), "--data", str(data["calib"]), "--out", str(tmp_path / "f"),
+                 "--steps", "2", "--batch-size", "3", "--backend", "interpret", "--quiet"]) == 0
+    assert _last_json(capsys)["backend"] == "interpret"
+    assert main(["eval", "--model", str(quantized), "--data", str(data["eval"]), "--backend", "pallas"]) == 2
+    assert "needs a GPU or TPU" in capsys.readouterr().err

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from apiq_jax.cli import add_backend_argument
+
+    add_backend_argument(p)
 
 
 def _save_loss_plot(losses: list[float], path: Path) -> Path | None:
@@ -63,10 +66,10 @@ def _save_loss_plot(losses: list[float], path: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``apiq-jax finetune``; prints the summary JSON as the last stdout line."""
-    from apiq_jax.cli import load_token_data
+    from apiq_jax.cli import compute_backend, load_token_data
     from apiq_jax.evaluate import perplexity_ids
-    from apiq_jax.training import FinetuneConfig, finetune
     from apiq_jax.models import is_quantized_dir, load_quantized, save_quantized
+    from apiq_jax.training import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
     model_dir = Path(args.model)
@@ -89,22 +92,24 @@ def run(args: argparse.Namespace) -> int:
     train_ids = load_token_data(Path(args.data), model_dir, args.seqlen, max_len)
     eval_ids = None if args.eval is None else load_token_data(Path(args.eval), model_dir, args.seqlen, max_len)
 
-    def ppl(lo: Any) -> float | None:
+    def ppl(params: Any, lo: Any) -> float | None:
         if eval_ids is None:
             return None
-        return perplexity_ids(frozen, eval_ids, config=config, lora=lo, lora_scale=lora_config.scale).perplexity
+        return perplexity_ids(params, eval_ids, config=config, lora=lo, lora_scale=lora_config.scale).perplexity
 
-    ppl_before = ppl(lora)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lora, losses = finetune(frozen, lora, config, lora_config.scale, train_ids, cfg,
-                            checkpoint_dir=out / CHECKPOINT_SUBDIR, progress=not args.quiet)
-    ppl_after = ppl(lora)
+    with compute_backend(args.backend) as (backend, prepare):
+        compute = prepare(frozen)  # kernel layout for Pallas; `frozen` stays the storage layout
+        ppl_before = ppl(compute, lora)
+        lora, losses = finetune(compute, lora, config, lora_config.scale, train_ids, cfg,
+                                checkpoint_dir=out / CHECKPOINT_SUBDIR, progress=not args.quiet)
+        ppl_after = ppl(compute, lora)
     summary: dict[str, Any] = {
         "steps": cfg.steps, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
         "train_windows": int(train_ids.shape[0]), "seqlen": int(train_ids.shape[1]),
         "first_loss": losses[0], "final_loss": losses[-1],
-        "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after, "backend": backend,
     }
     save_quantized(out, frozen, lora, config, lora_config,
                    metadata={**meta, "finetune": {**summary, "losses": losses, "base": str(model_dir)}},
