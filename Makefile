@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m apiq_jax.cli demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check apiq_jax pallas_kernels tests benchmarks scripts
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

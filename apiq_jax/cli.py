@@ -80,14 +80,14 @@ def compute_backend(name: str | None) -> Iterator[tuple[str, Callable[[Any], Any
     The preparer lays quantized weights out for the kernels once when the Pallas kernels
     run (:func:`apiq_jax.qmatmul.prepare_params`) and is the identity otherwise.
     """
+    import jax
+
     from apiq_jax.qmatmul import (
         default_backend,
         prepare_params,
         resolve_backend,
         use_backend,
     )
-
-    import jax
 
     with use_backend(name or default_backend()):
         resolved = resolve_backend(None)

@@ -114,7 +114,6 @@ def main() -> None:
         return
 
     import jax
-
     from tqdm import tqdm
 
     bits_list = [int(b) for b in args.bits.split(",")]

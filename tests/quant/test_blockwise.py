@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from apiq_jax.quant import (
-    absmax_dequantize_int8, absmax_quantize_int8, blockwise_dequantize, blockwise_quantize,
-    double_dequantize, double_quantize, nf_codebook, zeropoint_dequantize_int8, zeropoint_quantize_int8,
+    absmax_dequantize_int8,
+    absmax_quantize_int8,
+    blockwise_dequantize,
+    blockwise_quantize,
+    double_dequantize,
+    double_quantize,
+    nf_codebook,
+    zeropoint_dequantize_int8,
+    zeropoint_quantize_int8,
 )
 
 

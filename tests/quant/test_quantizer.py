@@ -16,7 +16,14 @@ import pytest
 from hypothesis import given, settings
 
 from apiq_jax.quant import (
-    NF4_QLORA, QuantConfig, bits_per_param, dequantize, fake_quantize, init_clip, nf_codebook, quantize,
+    NF4_QLORA,
+    QuantConfig,
+    bits_per_param,
+    dequantize,
+    fake_quantize,
+    init_clip,
+    nf_codebook,
+    quantize,
 )
 
 
