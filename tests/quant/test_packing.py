@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from apiq_jax.quant import pack_codes, unpack_codes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every run
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), rows=st.integers(1, 5), chunks=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
 def test_round_trip(bits, rows, chunks, seed):
     codes = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, 32 * chunks))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 from apiq_jax.quant import (
     NF4_QLORA,
@@ -45,7 +45,8 @@ def numpy_rtn(w: np.ndarray, bits: int, gs: int, scheme: str) -> np.ndarray:
     return ((q - z) * s).reshape(n, -1)[:, :k]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples on every run
+@example(bits=2, scheme="asym", gs=16, n=1, k=1, seed=3)  # a constant group beyond the zero-point clamp
 @given(
     bits=st.sampled_from([2, 3, 4, 8]),
     scheme=st.sampled_from(["asym", "sym"]),
@@ -63,11 +64,17 @@ def test_matches_float64_reference_and_error_bound(bits, scheme, gs, n, k, seed)
     # float32 vs float64: codes agree except exactly at rounding ties; values to 1e-6.
     close = np.isclose(w_hat, ref, rtol=0, atol=1e-6)
     assert close.mean() > 0.99
-    # Error bounded by half a step inside the representable range (RTN, no clipping).
+    # Error bounded by half a step inside the representable range (RTN, no clipping). Outside
+    # it lie groups whose zero point -min/scale exceeds the reference's clamp of 1e4: e.g. a
+    # constant group (scale clamped to 1e-5) with |w| > 0.1 is, as in the reference, not
+    # representable. hypothesis found that case (n = k = 1); it is excluded here on purpose.
     qt = quantize(jnp.asarray(w), cfg)
     step = np.repeat(np.asarray(qt.dense_scales()), qt.group_size, axis=1)[:, :k]
     if scheme == "asym":
-        assert np.all(np.abs(w_hat - w) <= 0.5 * step * (1 + 1e-4) + 1e-7)
+        zero = np.repeat(np.asarray(qt.dense_zeros()), qt.group_size, axis=1)[:, :k]
+        representable = np.abs(zero) < 1e4
+        err = np.abs(w_hat - w)[representable]
+        assert np.all(err <= (0.5 * step * (1 + 1e-4) + 1e-7)[representable])
     # Stored form equals the simulated form exactly, and re-quantizing is idempotent.
     np.testing.assert_array_equal(np.asarray(dequantize(qt)), w_hat)
     again = np.asarray(fake_quantize(jnp.asarray(w_hat), cfg))
