@@ -1,30 +1,35 @@
 """``x @ W^T`` for a frozen :class:`QuantizedTensor` weight, without a dense weight in HBM.
 
-Backends (pick per call with ``backend=``, or set the default with :func:`use_backend` or
-the ``APIQ_QMATMUL_BACKEND`` environment variable; the context manager wins):
+Backends (``backend=`` of :func:`qmatmul`, a static string; None means
+:func:`default_backend`: the ``APIQ_QMATMUL_BACKEND`` environment variable, else "auto"):
 
-* ``"auto"`` (default): ``"pallas"`` on GPU/TPU, ``"xla"`` on CPU.
+* ``"auto"``: ``"pallas"`` on GPU/TPU, ``"xla"`` on CPU (:func:`resolve_backend`).
 * ``"pallas"``: the :mod:`pallas_kernels` Triton (GPU) / Mosaic (TPU) kernels; the input
   gradient runs the transposed kernel on the same packed weights (custom VJP).
 * ``"xla"``: unpack + dequantize + cast fused by XLA into one pass producing the dot
   operand (no padded/sliced copy of the weight); differentiable by ordinary autodiff.
 * ``"interpret"``: the GPU Pallas kernel in Pallas' interpreter (CPU testing; slow).
 
+The backend is resolved when a function is traced, so callers pass it down as a static
+argument (entry points -> ``linear`` -> ``qmatmul(x, w, backend=backend)``); a resolved
+name ("pallas", "xla", "interpret") and "auto"/None are both accepted at every level.
+
+Layouts: a weight is a :class:`QuantizedTensor` in the storage layout (what quantization
+and checkpoints give) or, after :func:`prepare_params`, in the kernel layout
+(``layout="kernel"``: the packed words re-arranged once for the kernels, constants
+densified; still a QuantizedTensor). :func:`qmatmul` and :func:`dequantize` take either;
+saving and the storage-level functions of :mod:`apiq_jax.quant` refuse the kernel layout.
+
 Fallbacks: the kernels take uniform 2/3/4-bit "asym"/"sym" weights whose group size is
 32, 64, 128 or a multiple of 256 (:func:`kernel_supports`). Anything else ("nf", 8 bits,
-other group sizes) silently runs the ``"xla"`` path. Double-quantized scales (and packed
-zero points) are densified to float32 ``[N, n_groups]`` first (small next to the codes).
-
-The backend is chosen when a function is traced: under ``jax.jit`` a changed default
-applies to new traces only (call ``jax.clear_caches()`` to re-trace cached functions).
+other group sizes) silently runs the ``"xla"`` path (and :func:`prepare_params` leaves it
+in the storage layout). Double-quantized scales (and packed zero points) are densified to
+float32 ``[N, n_groups]`` first (small next to the codes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -32,51 +37,39 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from apiq_jax.quant import QuantizedTensor
+from apiq_jax.quant import dequantize as _dequantize_storage
 from apiq_jax.quant.uniform import GroupParams, dequantize_groups
 
 BACKENDS = ("auto", "pallas", "xla", "interpret")
 ENV_VAR = "APIQ_QMATMUL_BACKEND"
-_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("apiq_qmatmul_backend", default=None)
 
 
-def _check_backend(name: str, where: str) -> str:
+def _check_backend(name: Any, where: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"qmatmul backend {name!r} ({where}) is not supported; accepted: {BACKENDS}")
     return name
 
 
 def default_backend() -> str:
-    """The backend used when ``backend=None``: :func:`use_backend`, else ``$APIQ_QMATMUL_BACKEND``, else "auto"."""
-    override = _BACKEND.get()
-    if override is not None:
-        return override
+    """The backend that ``backend=None`` means.
+
+    Returns:
+      ``$APIQ_QMATMUL_BACKEND`` when set (validated against ``BACKENDS``), else "auto".
+    """
     env = os.environ.get(ENV_VAR, "").strip()
     return _check_backend(env, f"from ${ENV_VAR}") if env else "auto"
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Make ``name`` the default qmatmul backend inside the ``with`` block."""
-    token = _BACKEND.set(_check_backend(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _BACKEND.reset(token)
-
-
-def kernel_supports(qt: QuantizedTensor) -> bool:
-    """True when the Pallas kernels can take ``qt`` (otherwise qmatmul uses the XLA path)."""
-    if qt.ndim != 2:
-        return False
-    try:
-        pallas_kernels.check_layout(qt.bits, qt.group_size, qt.scheme)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_backend(backend: str | None) -> str:
-    """The concrete backend ("pallas", "xla" or "interpret") that ``backend`` means here."""
+    """The concrete backend that ``backend`` means on this machine.
+
+    Args:
+      backend: one of ``BACKENDS`` or None (:func:`default_backend`).
+    Returns:
+      "pallas", "xla" or "interpret": "auto" is "pallas" when jax's default backend is a
+      GPU or TPU, else "xla"; a concrete name is returned as is.
+    Raises ValueError for an unknown name, or "pallas" without a GPU/TPU.
+    """
     name = default_backend() if backend is None else _check_backend(backend, "backend=")
     platform = jax.default_backend()
     if name == "auto":
@@ -89,13 +82,89 @@ def resolve_backend(backend: str | None) -> str:
     return name
 
 
-def prepare(qt: QuantizedTensor) -> pallas_kernels.PreparedWeights:
-    """Kernel-layout copy of ``qt``'s packed weights (constants densified to float32)."""
+def kernel_supports(qt: QuantizedTensor) -> bool:
+    """Whether the Pallas kernels can take ``qt`` (otherwise :func:`qmatmul` uses the XLA path).
+
+    Args:
+      qt: a QuantizedTensor in either layout.
+    Returns:
+      True for a 2-D weight whose bits / group size / scheme the kernels support.
+    """
+    if qt.ndim != 2:
+        return False
+    try:
+        pallas_kernels.check_layout(qt.bits, qt.group_size, qt.scheme)
+    except ValueError:
+        return False
+    return True
+
+
+def _kernel_weights(qt: QuantizedTensor) -> pallas_kernels.PreparedWeights:
+    """The kernels' view of ``qt``: re-arranged from the storage layout, or wrapped as is."""
+    if qt.layout == "kernel":
+        return pallas_kernels.PreparedWeights(
+            planes=tuple(qt.codes), scales=qt.scales, zeros=qt.zeros, bits=qt.bits, group_size=qt.group_size,
+            n=qt.shape[0], k=qt.shape[1], zero_point=2 ** (qt.bits - 1) - 1 if qt.scheme == "sym" else None,
+        )
     zeros = None if qt.scheme == "sym" else (qt.zeros if not qt.double_quant else qt.dense_zeros())
     return pallas_kernels.prepare_weights(
         qt.codes, qt.dense_scales(), zeros,
         bits=qt.bits, k=qt.shape[1], group_size=qt.group_size, scheme=qt.scheme,
     )
+
+
+def prepare(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` in the kernel layout (``layout="kernel"``, constants densified to float32).
+
+    Args:
+      qt: a 2-D QuantizedTensor the kernels support (:func:`kernel_supports`); one already
+        in the kernel layout is returned as is.
+    Returns:
+      A QuantizedTensor with the same shape, config and dtype whose children are the
+      kernel-layout arrays (the storage codes are not kept).
+    Raises ValueError (naming the value) when the kernels cannot take ``qt``.
+    """
+    if qt.layout == "kernel":
+        return qt
+    if qt.ndim != 2:
+        raise ValueError(f"prepare takes a 2-D QuantizedTensor, got shape {qt.shape}")
+    w = _kernel_weights(qt)
+    return QuantizedTensor(w.planes, w.scales, w.zeros, qt.shape, qt.config, qt.dtype, layout="kernel")
+
+
+def prepare_params(frozen: Any) -> Any:
+    """``frozen`` with every kernel-supported QuantizedTensor put in the kernel layout.
+
+    The Pallas path otherwise re-arranges the packed words on every call (an extra pass
+    over the codes); preparing once, outside ``jit``, lets the kernels read the stored bits
+    directly. The result is for computing (``apply``/``forward``/training accept it), not
+    for saving: :func:`apiq_jax.save_quantized` needs the storage layout.
+
+    Args:
+      frozen: any pytree (a params tree, or a single QuantizedTensor).
+    Returns:
+      The same tree; its prepared leaves are still QuantizedTensors (``layout="kernel"``),
+      the others (dense arrays, weights the kernels do not take) are unchanged.
+    """
+
+    def convert(leaf: Any) -> Any:
+        return prepare(leaf) if isinstance(leaf, QuantizedTensor) and kernel_supports(leaf) else leaf
+
+    return jax.tree.map(convert, frozen, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
+    """The dense weight ``[N, K]`` (in ``qt.dtype``) of a QuantizedTensor in either layout.
+
+    Args:
+      qt: storage layout (:func:`apiq_jax.quant.dequantize`) or kernel layout (the
+        kernels' pure-jnp reference dequantization; the same values).
+    Returns:
+      The dense weight in ``qt.dtype``.
+    """
+    if qt.layout == "kernel":
+        return pallas_kernels.dequantize_prepared(_kernel_weights(qt)).astype(qt.dtype)
+    return _dequantize_storage(qt)
 
 
 def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
@@ -105,7 +174,16 @@ def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
     cast to ``x``'s dtype, as the dense model does). ``x`` is zero-padded to whole groups
     instead of slicing the padded weight, so XLA fuses unpack + dequantize + cast into one
     pass producing the dot operand (a 2-D dot: CPU XLA handles a 3-D contraction badly).
+    A kernel-layout ``qt`` is dequantized with the kernels' reference instead.
+
+    Args:
+      x2d: activations ``[M, K]`` (any float dtype).
+      qt: a 2-D QuantizedTensor ``[N, K]`` in either layout.
+    Returns:
+      float32 ``[M, N]``.
     """
+    if qt.layout == "kernel":
+        return pallas_kernels.qmatmul_reference(x2d, _kernel_weights(qt), precision=None)
     n, k = qt.shape
     g, gs = qt.n_groups, qt.group_size
     codes = qt.unpacked_codes().reshape(n, g, gs).astype(jnp.float32)
@@ -116,45 +194,42 @@ def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
     return jax.lax.dot_general(xp, w.reshape(n, g * gs), dims, preferred_element_type=jnp.float32)
 
 
-def prepare_params(frozen: Any) -> Any:
-    """``frozen`` with every kernel-supported QuantizedTensor replaced by its kernel layout.
-
-    The Pallas path otherwise re-arranges the packed words on every call (an extra pass
-    over the codes); preparing once, outside ``jit``, lets the kernels read the stored bits
-    directly. The result is for computing (``apply``/``forward``/training accept it), not
-    for :func:`apiq_jax.save_quantized`, which takes the storage layout.
-    """
-
-    def convert(leaf: Any) -> Any:
-        return prepare(leaf) if isinstance(leaf, QuantizedTensor) and kernel_supports(leaf) else leaf
-
-    return jax.tree.map(convert, frozen, is_leaf=lambda x: isinstance(x, QuantizedTensor))
-
-
-def _prepared_matmul(x2d: jnp.ndarray, w: pallas_kernels.PreparedWeights, name: str) -> jnp.ndarray:
-    if name == "xla" or jnp.dtype(x2d.dtype).name not in pallas_kernels.X_DTYPES:
-        dense = pallas_kernels.dequantize_prepared(w).astype(x2d.dtype)
-        return jax.lax.dot_general(x2d, dense, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    return pallas_kernels.qmatmul(x2d, w, platform=platform, interpret=name == "interpret")
-
-
 def qmatmul(
-    x2d: jnp.ndarray, qt: QuantizedTensor | pallas_kernels.PreparedWeights, *, backend: str | None = None
+    x2d: jnp.ndarray,
+    qt: QuantizedTensor,
+    *,
+    backend: str | None = None,
+    block_sizes: pallas_kernels.BlockSizes | None = None,
 ) -> jnp.ndarray:
     """``x2d @ dequantize(qt)^T`` as float32 ``[M, N]`` (the caller casts).
 
     Args:
       x2d: activations ``[M, K]`` (float32 or bfloat16 for the kernels; any float for "xla").
-      qt: a 2-D QuantizedTensor ``[N, K]``, or its kernel layout from :func:`prepare_params`.
-      backend: "auto", "pallas", "xla", "interpret" or None for :func:`default_backend`.
-    Differentiable with respect to ``x2d`` on every backend; ``qt`` is treated as frozen
-    by the kernels. Raises ValueError for an unknown backend or mismatched shapes.
+      qt: a 2-D QuantizedTensor ``[N, K]`` in the storage layout or the kernel layout of
+        :func:`prepare_params`.
+      backend: "auto", "pallas", "xla", "interpret", or None for :func:`default_backend`;
+        resolved by :func:`resolve_backend` when traced.
+      block_sizes: tiles of the Pallas kernels for this call (None: the tuned/default
+        table of :func:`pallas_kernels.block_sizes_for`); unused on the XLA path.
+    Returns:
+      float32 ``[M, N]``, differentiable with respect to ``x2d`` on every backend; ``qt``
+      is treated as frozen by the kernels.
+    Raises ValueError for an unknown backend, mismatched shapes or invalid block sizes.
+
+    >>> import jax, numpy as np
+    >>> from apiq_jax.quant import QuantConfig, quantize
+    >>> qt = quantize(jax.random.normal(jax.random.key(0), (8, 64)), QuantConfig(bits=4, group_size=32))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 64))
+    >>> y = qmatmul(x, qt, backend="xla")
+    >>> y.shape, y.dtype
+    ((2, 8), dtype('float32'))
+    >>> prepared = prepare_params(qt)  # kernel layout, still a QuantizedTensor
+    >>> prepared.layout, type(prepared).__name__
+    ('kernel', 'QuantizedTensor')
+    >>> y_kernel = qmatmul(x, prepared, backend="interpret")  # the Pallas kernel, interpreted
+    >>> bool(np.allclose(y_kernel, y, rtol=1e-5, atol=1e-5))
+    True
     """
-    if isinstance(qt, pallas_kernels.PreparedWeights):
-        if getattr(x2d, "ndim", None) != 2 or x2d.shape[1] != qt.k:
-            raise ValueError(f"x2d must be [M, {qt.k}] for a weight of shape {qt.shape}, got {getattr(x2d, 'shape', None)}")
-        return _prepared_matmul(x2d, qt, resolve_backend(backend))
     if not isinstance(qt, QuantizedTensor) or qt.ndim != 2:
         raise ValueError(f"qt must be a 2-D QuantizedTensor, got {type(qt).__name__} {getattr(qt, 'shape', None)}")
     if getattr(x2d, "ndim", None) != 2 or x2d.shape[1] != qt.shape[1]:
@@ -164,4 +239,6 @@ def qmatmul(
     if name == "xla" or not kernel_supports(qt) or not kernel_dtype:
         return xla_matmul(x2d, qt)
     platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    return pallas_kernels.qmatmul(x2d, prepare(qt), platform=platform, interpret=name == "interpret")
+    return pallas_kernels.qmatmul(
+        x2d, _kernel_weights(qt), platform=platform, interpret=name == "interpret", block_sizes=block_sizes
+    )

@@ -1,4 +1,5 @@
-"""In-kernel dequantization of one weight tile (value level, shared by all kernels)."""
+"""Dequantization of packed weight tiles: in-kernel (:func:`dequant_tile`, shared by all
+kernels) and its pure-jnp reference on a whole prepared weight (:func:`dequantize_prepared`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pallas_kernels.layout import PLANES, PreparedWeights
 
 
 def unpack_plane(words: jax.Array, width: int) -> jax.Array:
-    """uint32 words ``[R, C]`` -> int32 fields ``[R * 32 / width, C]`` (LSB first per word)."""
+    """Unpack the fields of packed words along rows (LSB first per word).
+
+    Args:
+      words: uint32 ``[R, C]``.
+      width: bits per field (1, 2 or 4).
+    Returns:
+      int32 ``[R * 32 / width, C]``: row ``r * (32 / width) + j`` is field ``j`` of word row ``r``.
+    """
     per = 32 // width
     rows, cols = words.shape
     shifts = jax.lax.broadcasted_iota(jnp.uint32, (rows, per, cols), 1) * jnp.uint32(width)
@@ -29,9 +37,14 @@ def dequant_tile(
 ) -> jax.Array:
     """Float32 weight tile ``[bk, bn]`` = ``(q - z) * s`` from packed plane tiles.
 
-    ``planes`` are the tiles ``[bk * width / 32, bn]`` of each plane of ``PLANES[bits]``;
-    ``scales``/``zeros`` are ``[g, 1, bn]`` for the ``g`` groups the tile spans (``g = 1``
-    when a group is longer than the tile); ``zeros`` None means the constant ``zero_point``.
+    Args:
+      planes: the tiles ``[bk * width / 32, bn]`` of each plane of ``PLANES[bits]``.
+      scales: ``[g, 1, bn]`` for the ``g`` groups the tile spans (``g = 1`` when a group is
+        longer than the tile).
+      zeros: like ``scales``, or None for the constant ``zero_point``.
+      bits: the code width. zero_point: the "sym" constant zero point (when ``zeros`` is None).
+    Returns:
+      float32 ``[bk, bn]``.
     """
     q = None
     for words, (width, shift) in zip(planes, PLANES[bits]):
@@ -46,7 +59,13 @@ def dequant_tile(
 
 
 def dequantize_prepared(w: PreparedWeights) -> jax.Array:
-    """The dense float32 weight ``[N, K]`` of prepared weights (reference / XLA fallback)."""
+    """The dense float32 weight ``[N, K]`` of prepared weights (pure jnp: reference / XLA fallback).
+
+    Args:
+      w: weights from :func:`pallas_kernels.prepare_weights`.
+    Returns:
+      float32 ``[w.n, w.k]``, equal to the storage layout's dequantized weight.
+    """
     zeros = None if w.zeros is None else w.zeros[:, 0, :]
     scales = w.scales[:, 0, :]
     # whole-K "tile": one group row per group along K

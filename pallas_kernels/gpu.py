@@ -22,23 +22,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common import dot_precision, group_block, group_rows, split_refs, weight_specs
 from pallas_kernels.dequant import dequant_tile
 from pallas_kernels.layout import PLANES, PreparedWeights
-from pallas_kernels.tuning import TRITON_STAGES, TRITON_WARPS, Blocks
+from pallas_kernels.tuning import TRITON_STAGES, TRITON_WARPS, BlockSizes
 
 # Explicit Triton params select the Triton lowering (jax 0.10 defaults to Mosaic GPU).
 _TRITON = pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
-
-
-def _precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _group_slice(kb: jax.Array, bk: int, gs: int) -> pl.Slice:
-    """Rows of the ``[G, 1, N]`` constants that the K block ``kb`` spans."""
-    if gs <= bk:
-        return pl.ds(kb * (bk // gs), bk // gs)
-    return pl.ds(kb // (gs // bk), 1)
 
 
 def _tile(w: PreparedWeights, plane_refs, s_ref, z_ref, kb, bk: int, cols) -> jax.Array:
@@ -47,30 +37,30 @@ def _tile(w: PreparedWeights, plane_refs, s_ref, z_ref, kb, bk: int, cols) -> ja
         r[pl.ds(kb * (bk * width // 32), bk * width // 32), cols]
         for r, (width, _) in zip(plane_refs, PLANES[w.bits])
     ]
-    rows = _group_slice(kb, bk, w.group_size)
+    n_rows = group_rows(bk, w.group_size)
+    rows = pl.ds(group_block(kb, bk, w.group_size) * n_rows, n_rows)
     zeros = None if z_ref is None else z_ref[rows, :, cols]
     return dequant_tile(planes, s_ref[rows, :, cols], zeros, bits=w.bits, zero_point=w.zero_point)
 
 
-def _split(refs, w: PreparedWeights):
-    n_planes = len(w.planes)
-    lhs, planes, s_ref = refs[0], refs[1 : 1 + n_planes], refs[1 + n_planes]
-    z_ref = refs[2 + n_planes] if w.zeros is not None else None
-    return lhs, planes, s_ref, z_ref, refs[-1]
+def matmul(x: jax.Array, w: PreparedWeights, blocks: BlockSizes, *, interpret: bool = False) -> jax.Array:
+    """``x @ W^T`` in float32 (the forward kernel).
 
+    Grid: (M blocks, N blocks); K is reduced by a loop inside each program.
 
-def _weight_args(w: PreparedWeights) -> list[jax.Array]:
-    return [*w.planes, w.scales] + ([] if w.zeros is None else [w.zeros])
-
-
-def matmul(x: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: bool = False) -> jax.Array:
-    """``x @ W^T`` in float32, ``x`` ``[M_pad, K_pad]`` with ``M_pad % block_m == 0``."""
-    bm, bn, bk = blocks
+    Args:
+      x: ``[M_pad, K_pad]`` with ``M_pad % block_m == 0`` (``K_pad == w.k_pad``).
+      w: the prepared weights. blocks: the call's tiles.
+      interpret: run in Pallas' generic interpreter (CPU).
+    Returns:
+      float32 ``[M_pad, N_pad]``.
+    """
+    bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     m, kp = x.shape
-    prec = _precision(x.dtype)
+    prec = dot_precision(x.dtype)
 
     def kernel(*refs):
-        x_ref, plane_refs, s_ref, z_ref, o_ref = _split(refs, w)
+        x_ref, plane_refs, s_ref, z_ref, o_ref = split_refs(refs, w)
         cols = slice(None)
 
         def body(kb, acc):
@@ -94,18 +84,28 @@ def matmul(x: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: bool 
         interpret=interpret,
         compiler_params=_TRITON,
         name="qmatmul_fwd_gpu",
-    )(x, *_weight_args(w))
+    )(x, *w.operands())
 
 
-def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: bool = False) -> jax.Array:
-    """``dy @ W`` in float32 (the input gradient), ``dy`` ``[M_pad, N_pad]``."""
-    bm, bn, bk = blocks
+def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: BlockSizes, *, interpret: bool = False) -> jax.Array:
+    """``dy @ W`` in float32 (the input gradient; the backward kernel of :func:`matmul`).
+
+    Grid: (M blocks, K blocks); N is reduced by a loop inside each program.
+
+    Args:
+      dy: ``[M_pad, N_pad]`` with ``M_pad % block_m == 0`` (``N_pad == w.n_pad``).
+      w: the prepared weights. blocks: the tiles of the forward call.
+      interpret: run in Pallas' generic interpreter (CPU).
+    Returns:
+      float32 ``[M_pad, K_pad]``.
+    """
+    bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     m, np_ = dy.shape
-    prec = _precision(dy.dtype)
+    prec = dot_precision(dy.dtype)
     dims = (((1,), (1,)), ((), ()))
 
     def kernel(*refs):
-        dy_ref, plane_refs, s_ref, z_ref, o_ref = _split(refs, w)
+        dy_ref, plane_refs, s_ref, z_ref, o_ref = split_refs(refs, w)
 
         def body(nb, acc):
             cols = pl.ds(nb * bn, bn)
@@ -116,14 +116,7 @@ def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: b
 
         o_ref[...] = jax.lax.fori_loop(0, np_ // bn, body, jnp.zeros((bm, bk), jnp.float32))
 
-    gs = w.group_size
-    if gs <= bk:
-        const_spec = pl.BlockSpec((bk // gs, 1, np_), lambda i, kb: (kb, 0, 0))
-    else:
-        const_spec = pl.BlockSpec((1, 1, np_), lambda i, kb: (kb // (gs // bk), 0, 0))
-    in_specs = [pl.BlockSpec((bm, np_), lambda i, kb: (i, 0))]
-    in_specs += [pl.BlockSpec((bk * width // 32, np_), lambda i, kb: (kb, 0)) for width, _ in PLANES[w.bits]]
-    in_specs += [const_spec] * (1 if w.zeros is None else 2)
+    in_specs = [pl.BlockSpec((bm, np_), lambda i, kb: (i, 0))] + weight_specs(w, bk, np_, lambda i, kb: (kb, 0))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, w.k_pad), jnp.float32),
@@ -133,4 +126,4 @@ def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: b
         interpret=interpret,
         compiler_params=_TRITON,
         name="qmatmul_dx_gpu",
-    )(dy, *_weight_args(w))
+    )(dy, *w.operands())

@@ -16,6 +16,7 @@ Kernel layout (:class:`PreparedWeights`), K-major so a tile's lanes are output c
     ``zeros`` float32 of the same shape ("sym" uses the constant ``2^(bits-1) - 1``).
 K is zero-padded to a multiple of ``K_MULTIPLE`` (and of the group size), N to a
 multiple of ``N_MULTIPLE``; padded codes and scales are 0, so padded weights are 0.
+The block sizes of :mod:`pallas_kernels.tuning` divide these multiples.
 The transformation works on whole words: the dense weight is never formed.
 """
 
@@ -27,8 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.tuning import K_MULTIPLE, N_MULTIPLE
-
+K_MULTIPLE = 256  # K (and every group longer than 128) is padded to a multiple of this
+N_MULTIPLE = 128  # N is padded to a multiple of this
 KERNEL_BITS = (2, 3, 4)
 PLANES: dict[int, tuple[tuple[int, int], ...]] = {  # bits -> ((width, shift), ...)
     2: ((2, 0),),
@@ -58,15 +59,28 @@ class PreparedWeights:
 
     @property
     def k_pad(self) -> int:
+        """K after padding (a multiple of ``K_MULTIPLE`` and of the group size)."""
         return self.scales.shape[0] * self.group_size
 
     @property
     def n_pad(self) -> int:
+        """N after padding (a multiple of ``N_MULTIPLE``)."""
         return self.scales.shape[-1]
+
+    def operands(self) -> list[jax.Array]:
+        """The arrays in the order the kernels take them: planes, scales, then zeros if any."""
+        return [*self.planes, self.scales] + ([] if self.zeros is None else [self.zeros])
 
 
 def padded_k(k: int, group_size: int) -> int:
-    """K after padding: a multiple of the group size and of ``K_MULTIPLE``."""
+    """K after padding: a multiple of the group size and of ``K_MULTIPLE``.
+
+    Args:
+      k: the logical (or packed) input width.
+      group_size: codes per group along K.
+    Returns:
+      The smallest multiple of ``lcm(group_size, K_MULTIPLE)`` that is ``>= k``.
+    """
     return _round_up(k, math.lcm(group_size, K_MULTIPLE))
 
 
@@ -75,7 +89,15 @@ def _round_up(x: int, m: int) -> int:
 
 
 def check_layout(bits: int, group_size: int, scheme: str) -> None:
-    """Raise ValueError unless the kernels can take this bit width / group size / scheme."""
+    """Raise ValueError unless the kernels can take this bit width / group size / scheme.
+
+    Args:
+      bits: code width (accepted: ``KERNEL_BITS``).
+      group_size: codes per group along K (32, 64, 128 or a multiple of ``K_MULTIPLE``).
+      scheme: "asym" or "sym".
+    Returns:
+      None.
+    """
     if bits not in KERNEL_BITS:
         raise ValueError(f"bits={bits!r} is not supported by the Pallas kernels; accepted: {KERNEL_BITS}")
     if scheme not in ("asym", "sym"):
@@ -113,6 +135,8 @@ def prepare_weights(
       zeros: ``[N, n_groups]`` zero points for "asym" (any numeric dtype), None for "sym".
       bits: 2, 3 or 4. k: the logical input width. group_size: codes per group along K.
       scheme: "asym" or "sym" (zero point ``2^(bits-1) - 1``).
+    Returns:
+      The :class:`PreparedWeights` (no copy of the storage-layout codes is kept).
     Raises ValueError for unsupported bits/scheme/group size and inconsistent shapes.
     """
     check_layout(bits, group_size, scheme)

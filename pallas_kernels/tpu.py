@@ -17,46 +17,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import dot_precision, split_refs, weight_specs
 from pallas_kernels.dequant import dequant_tile
-from pallas_kernels.layout import PLANES, PreparedWeights
-from pallas_kernels.tuning import Blocks
+from pallas_kernels.layout import PreparedWeights
+from pallas_kernels.tuning import BlockSizes
 
 
 def _interpret(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def _precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _const_spec(w: PreparedWeights, bk: int, bn: int, kn) -> pl.BlockSpec:
-    """BlockSpec of the ``[G, 1, N]`` constants for a grid whose (k, n) indices ``kn`` picks."""
-    gs = w.group_size
-    if gs <= bk:
-        return pl.BlockSpec((bk // gs, 1, bn), lambda *idx: (kn(*idx)[0], 0, kn(*idx)[1]))
-    return pl.BlockSpec((1, 1, bn), lambda *idx: (kn(*idx)[0] // (gs // bk), 0, kn(*idx)[1]))
-
-
-def _specs(w: PreparedWeights, bk: int, bn: int, kn) -> list[pl.BlockSpec]:
-    planes = [
-        pl.BlockSpec((bk * width // 32, bn), lambda *idx: kn(*idx)) for width, _ in PLANES[w.bits]
-    ]
-    return planes + [_const_spec(w, bk, bn, kn)] * (1 if w.zeros is None else 2)
-
-
-def _weight_args(w: PreparedWeights) -> list[jax.Array]:
-    return [*w.planes, w.scales] + ([] if w.zeros is None else [w.zeros])
-
-
 def _kernel(w: PreparedWeights, dims, prec):
     """Kernel body: ``acc += dot_general(lhs, tile, dims)``, reduction on grid axis 2."""
-    n_planes = len(w.planes)
 
     def kernel(*refs):
-        lhs_ref, plane_refs, s_ref = refs[0], refs[1 : 1 + n_planes], refs[1 + n_planes]
-        z_ref = refs[2 + n_planes] if w.zeros is not None else None
-        o_ref, acc_ref = refs[-2], refs[-1]
+        lhs_ref, plane_refs, s_ref, z_ref, o_ref = split_refs(refs, w, n_scratch=1)
+        acc_ref = refs[-1]
 
         @pl.when(pl.program_id(2) == 0)
         def _init():
@@ -80,37 +56,57 @@ def _kernel(w: PreparedWeights, dims, prec):
 _PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def matmul(x: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: bool = False) -> jax.Array:
-    """``x @ W^T`` in float32, ``x`` ``[M_pad, K_pad]`` with ``M_pad % block_m == 0``."""
-    bm, bn, bk = blocks
+def matmul(x: jax.Array, w: PreparedWeights, blocks: BlockSizes, *, interpret: bool = False) -> jax.Array:
+    """``x @ W^T`` in float32 (the forward kernel).
+
+    Grid: (M, N, K blocks); K, the last axis, is reduced into a VMEM accumulator.
+
+    Args:
+      x: ``[M_pad, K_pad]`` with ``M_pad % block_m == 0`` (``K_pad == w.k_pad``).
+      w: the prepared weights. blocks: the call's tiles.
+      interpret: run in the TPU interpreter (``pltpu.InterpretParams()``, CPU).
+    Returns:
+      float32 ``[M_pad, N_pad]``.
+    """
+    bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     m = x.shape[0]
     kn = lambda i, j, kb: (kb, j)  # noqa: E731 - grid (m, n, k) -> weight block (k, n)
     return pl.pallas_call(
-        _kernel(w, (((1,), (0,)), ((), ())), _precision(x.dtype)),
+        _kernel(w, (((1,), (0,)), ((), ())), dot_precision(x.dtype)),
         out_shape=jax.ShapeDtypeStruct((m, w.n_pad), jnp.float32),
         grid=(m // bm, w.n_pad // bn, w.k_pad // bk),
-        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb: (i, kb))] + _specs(w, bk, bn, kn),
+        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb: (i, kb))] + weight_specs(w, bk, bn, kn),
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=_PARAMS,
         interpret=_interpret(interpret),
         name="qmatmul_fwd_tpu",
-    )(x, *_weight_args(w))
+    )(x, *w.operands())
 
 
-def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: Blocks, *, interpret: bool = False) -> jax.Array:
-    """``dy @ W`` in float32 (the input gradient), ``dy`` ``[M_pad, N_pad]``."""
-    bm, bn, bk = blocks
+def matmul_dx(dy: jax.Array, w: PreparedWeights, blocks: BlockSizes, *, interpret: bool = False) -> jax.Array:
+    """``dy @ W`` in float32 (the input gradient; the backward kernel of :func:`matmul`).
+
+    Grid: (M, K, N blocks); N, the last axis, is reduced into a VMEM accumulator.
+
+    Args:
+      dy: ``[M_pad, N_pad]`` with ``M_pad % block_m == 0`` (``N_pad == w.n_pad``).
+      w: the prepared weights. blocks: the tiles of the forward call.
+      interpret: run in the TPU interpreter (``pltpu.InterpretParams()``, CPU).
+    Returns:
+      float32 ``[M_pad, K_pad]``.
+    """
+    bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     m = dy.shape[0]
     kn = lambda i, kb, j: (kb, j)  # noqa: E731 - grid (m, k, n) -> weight block (k, n)
     return pl.pallas_call(
-        _kernel(w, (((1,), (1,)), ((), ())), _precision(dy.dtype)),
+        _kernel(w, (((1,), (1,)), ((), ())), dot_precision(dy.dtype)),
         out_shape=jax.ShapeDtypeStruct((m, w.k_pad), jnp.float32),
         grid=(m // bm, w.k_pad // bk, w.n_pad // bn),
-        in_specs=[pl.BlockSpec((bm, bn), lambda i, kb, j: (i, j))] + _specs(w, bk, bn, kn),
+        in_specs=[pl.BlockSpec((bm, bn), lambda i, kb, j: (i, j))] + weight_specs(w, bk, bn, kn),
         out_specs=pl.BlockSpec((bm, bk), lambda i, kb, j: (i, kb)),
         scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)],
         compiler_params=_PARAMS,
         interpret=_interpret(interpret),
         name="qmatmul_dx_tpu",
-    )(dy, *_weight_args(w))
+    )(dy, *w.operands())

@@ -16,6 +16,8 @@ from apiq_jax.quant.groups import from_groups, num_groups, to_groups
 from apiq_jax.quant.packing import PACK_MULTIPLE, pack_codes, unpack_codes
 from apiq_jax.quant.uniform import Clip, GroupParams, _check_weight, dequantize_groups, group_codes, group_params
 
+LAYOUTS = ("storage", "kernel")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,16 @@ class QuantizedTensor:
       zeros: for "asym", int16 ``[N, n_groups]`` (exact for the reference's [-1e4, 1e4]
         range); with double quantization the zero points are clamped to the code range
         and bit-packed like the codes. ``None`` for "sym" (constant ``2^(b-1)-1``) and "nf".
-    Static aux data: logical ``shape``, the :class:`QuantConfig`, the dequantized ``dtype``.
+    Static aux data: logical ``shape``, the :class:`QuantConfig`, the dequantized ``dtype``,
+    and the ``layout`` of the children:
+
+    * ``"storage"`` (default): as above; what quantization produces and checkpoints hold.
+    * ``"kernel"``: made by :func:`apiq_jax.qmatmul.prepare_params` for the matmul kernels,
+      which alone read it. ``codes`` is a tuple of uint32 bit planes in the kernels' layout
+      (the storage codes are not kept), ``scales`` and ``zeros`` (None for "sym") are the
+      constants densified to padded float32 arrays. ``shape``, ``config`` and the
+      properties are unchanged; everything that reads the storage arrays
+      (:func:`dequantize`, :meth:`to_state_dict`, ...) raises ValueError on it.
     """
 
     codes: jnp.ndarray
@@ -38,6 +49,27 @@ class QuantizedTensor:
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     config: QuantConfig = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+    layout: str = dataclasses.field(default="storage", metadata=dict(static=True))
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is not supported; accepted: {LAYOUTS}")
+
+    def require_storage(self, what: str) -> None:
+        """Raise ValueError unless the tensor is in the storage layout.
+
+        Args:
+          what: the operation that needs the storage arrays (named in the message).
+        Returns:
+          None.
+        """
+        if self.layout != "storage":
+            raise ValueError(
+                f"{what} needs a QuantizedTensor in the storage layout, but this one has layout="
+                f"{self.layout!r} (made by apiq_jax.qmatmul.prepare_params for the matmul kernels); "
+                "use the storage form it was prepared from (apiq_jax.qmatmul.dequantize and "
+                "apiq_jax.qmatmul.qmatmul take either)"
+            )
 
     @property
     def bits(self) -> int:
@@ -65,13 +97,15 @@ class QuantizedTensor:
         return len(self.shape)
 
     def dense_scales(self) -> jnp.ndarray:
-        """Scales as float32 ``[..., n_groups]`` (double quantization undone)."""
+        """Scales as float32 ``[..., n_groups]`` (double quantization undone; storage layout)."""
+        self.require_storage("dense_scales()")
         if isinstance(self.scales, DoubleQuantized):
             return double_dequantize(self.scales)
         return self.scales.astype(jnp.float32)
 
     def dense_zeros(self) -> jnp.ndarray:
-        """Zero points as float32 ``[..., n_groups]`` (constants for "sym", 0 for "nf")."""
+        """Zero points as float32 ``[..., n_groups]`` (constants for "sym", 0 for "nf"; storage layout)."""
+        self.require_storage("dense_zeros()")
         lead = self.shape[:-1]
         if self.scheme == "sym":
             return jnp.full((*lead, self.n_groups), 2 ** (self.bits - 1) - 1, jnp.float32)
@@ -82,12 +116,14 @@ class QuantizedTensor:
         return self.zeros.astype(jnp.float32)
 
     def unpacked_codes(self) -> jnp.ndarray:
-        """Integer codes ``[..., n_groups * group_size]`` (padding included, packing removed)."""
+        """Integer codes ``[..., n_groups * group_size]`` (padding included, packing removed; storage layout)."""
+        self.require_storage("unpacked_codes()")
         return unpack_codes(self.codes, self.bits)[..., : self.n_groups * self.group_size]
 
     # --- serialization -------------------------------------------------------------------
     def to_state_dict(self) -> dict[str, np.ndarray]:
-        """Flat name -> numpy array mapping of every stored array (for safetensors)."""
+        """Flat name -> numpy array mapping of every stored array (for safetensors; storage layout only)."""
+        self.require_storage("saving (to_state_dict())")
         out = {"codes": np.asarray(self.codes)}
         if isinstance(self.scales, DoubleQuantized):
             out.update(
@@ -102,7 +138,8 @@ class QuantizedTensor:
         return out
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-able static data needed to rebuild the tensor with :meth:`from_state_dict`."""
+        """JSON-able static data needed to rebuild the tensor with :meth:`from_state_dict` (storage layout only)."""
+        self.require_storage("saving (metadata())")
         return {"shape": list(self.shape), "dtype": self.dtype, "config": dataclasses.asdict(self.config)}
 
     @classmethod
@@ -180,7 +217,8 @@ def quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: Clip | None = None) -> Q
 
 
 def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
-    """The dense weight ``[N, K]`` (in ``qt.dtype``) that ``qt`` stores."""
+    """The dense weight ``[N, K]`` (in ``qt.dtype``) that ``qt`` stores (storage layout)."""
+    qt.require_storage("quant.dequantize()")
     lead, k = qt.shape[:-1], qt.shape[-1]
     codes = qt.unpacked_codes().astype(jnp.float32).reshape(*lead, qt.n_groups, qt.group_size)
     params = GroupParams(qt.dense_scales()[..., None], qt.dense_zeros()[..., None])
@@ -188,7 +226,8 @@ def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
 
 
 def bits_per_param(qt: QuantizedTensor) -> float:
-    """Every stored bit (packed codes incl. padding, scales, zeros, nested constants) per weight."""
+    """Every stored bit (packed codes incl. padding, scales, zeros, nested constants) per weight (storage layout)."""
+    qt.require_storage("bits_per_param()")
     bits = qt.codes.size * 32
     if isinstance(qt.scales, DoubleQuantized):
         bits += qt.scales.storage_bits()
