@@ -35,7 +35,7 @@ from apiq_jax.calibration import (
     rtn_init,
 )
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
-from apiq_jax.lora import LoraConfig, init_lora, lora_from_factors, merge_lora
+from apiq_jax.lora import Lora, LoraConfig, init_lora, lora_from_factors, merge_lora
 from apiq_jax.models import (
     LlamaForCausalLM,
     ModelConfig,
@@ -63,7 +63,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "ApiQOptions", "adapter_forward", "adapter_loss_fn", "init_adapters", "CalibrationReport", "CalibrationResult", "FinetuneConfig",
-    "LlamaForCausalLM", "LoraConfig", "ModelConfig", "QuantConfig", "QuantizedTensor",
+    "LlamaForCausalLM", "Lora", "LoraConfig", "ModelConfig", "QuantConfig", "QuantizedTensor",
     "activation_errors", "apiq_bw", "apiq_lw", "apply", "bits_per_param", "dequantize",
     "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "init_prompt", "load_pretrained",
     "load_quantized", "load_tokenizer", "loftq_init", "lora_from_factors", "merge_lora",

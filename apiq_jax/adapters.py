@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward, embed, final_logits
 from apiq_jax.training import next_token_nll
@@ -53,8 +54,8 @@ def adapter_forward(
     ids: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` of ``ids [b, s]`` with an adapter after every decoder block."""
     if len(adapters.get("layers", [])) != config.num_hidden_layers:
@@ -64,19 +65,19 @@ def adapter_forward(
     x = embed(params, ids, config)
     for i, layer in enumerate(params["layers"]):
         lo = None if lora is None else lora["layers"][i]
-        x = block_forward(layer, x, config, lora=lo, lora_scale=lora_scale, layer_idx=i)
+        x = block_forward(layer, x, config, lora=lo, layer_idx=i, backend=backend)
         x = apply_adapter(adapters["layers"][i], x)
-    return final_logits(params, x, config)
+    return final_logits(params, x, config, backend=backend)
 
 
 def adapter_loss_fn(
-    config: ModelConfig, *, lora: Mapping[str, Any] | None = None, lora_scale: float = 1.0
-) -> Callable[[Adapters, Mapping[str, Any], jnp.ndarray], jnp.ndarray]:
-    """``loss(adapters, frozen, ids)``: mean next-token NLL with the adapters active."""
+    config: ModelConfig, *, lora: Lora | None = None, backend: str | None = None
+) -> Callable[[Mapping[str, Any], Adapters, jnp.ndarray], jnp.ndarray]:
+    """``loss(frozen, adapters, ids)``: mean next-token NLL with the adapters active."""
 
-    def loss(adapters: Adapters, frozen: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+    def loss(frozen: Mapping[str, Any], adapters: Adapters, ids: jnp.ndarray) -> jnp.ndarray:
         frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-        logits = adapter_forward(frozen, adapters, ids, config, lora=lora, lora_scale=lora_scale)
+        logits = adapter_forward(frozen, adapters, ids, config, lora=lora, backend=backend)
         return next_token_nll(logits, ids)
 
     return loss

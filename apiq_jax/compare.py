@@ -85,10 +85,10 @@ def calibrate_and_measure(
     if name == "loftq":
         opts["num_iter"] = LOFTQ_ITERATIONS
     res = get_method(name)(params, config, calib_ids, qcfg, lcfg, key=jax.random.PRNGKey(seed), **opts)
-    ppl = perplexity_ids(res.params, eval_ids, config=config, lora=res.lora, lora_scale=res.lora_scale,
+    ppl = perplexity_ids(res.params, eval_ids, config=config, lora=res.lora,
                          batch_size=EVAL_BATCH).perplexity
     errs = activation_errors(params, res.params, eval_ids, config=config, lora=res.lora,
-                             lora_scale=res.lora_scale, batch_size=EVAL_BATCH)
+                             batch_size=EVAL_BATCH)
     row = {
         "method": name, "label": LABELS[name], "scheme": qcfg.scheme, "bits": qcfg.bits,
         "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
@@ -96,10 +96,10 @@ def calibrate_and_measure(
         "seconds": res.report.seconds, "peak_rss_mb": res.report.peak_rss_mb,
     }
     if finetune_ids is not None:
-        lora, losses = finetune(res.params, res.lora, config, res.lora_scale, finetune_ids,
+        lora, losses = finetune(res.params, res.lora, finetune_ids, config,
                                 finetune_config or FinetuneConfig(), progress=progress)
         row["perplexity_finetuned"] = perplexity_ids(res.params, eval_ids, config=config, lora=lora,
-                                                     lora_scale=res.lora_scale, batch_size=EVAL_BATCH).perplexity
+                                                     batch_size=EVAL_BATCH).perplexity
         row["finetune_losses"] = losses
     return row
 

@@ -28,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apiq_jax.lora import Lora
+from apiq_jax.models import llama
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.llama import LlamaForCausalLM, block_outputs_jit, forward
+from apiq_jax.models.llama import LlamaForCausalLM, forward
+from apiq_jax.qmatmul import default_backend
+
+_block_outputs_jit = jax.jit(llama.block_outputs, static_argnames=("config", "backend"))
 
 __all__ = [
     "PerplexityResult", "activation_errors", "block_outputs", "nll_sums", "perplexity",
@@ -118,17 +123,17 @@ def _check_ids(ids: Any, vocab_size: int) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-@partial(jax.jit, static_argnames=("config",))
+@partial(jax.jit, static_argnames=("config", "backend"))
 def nll_sums(
     params: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     ids: jnp.ndarray,
     row_weight: jnp.ndarray,
     config: ModelConfig,
-    lora_scale: float | jnp.ndarray = 1.0,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Sum over rows (weighted by ``row_weight`` [b]) of the NLL of ``ids[:, 1:]`` given the prefix."""
-    logits = forward(params, lora, ids, config, lora_scale=lora_scale)[:, :-1].astype(jnp.float32)
+    logits = forward(params, lora, ids, config, backend=backend)[:, :-1].astype(jnp.float32)
     targets = ids[:, 1:]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
@@ -140,10 +145,10 @@ def perplexity_ids(
     ids: Any,
     *,
     config: ModelConfig | None = None,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float = 1.0,
+    lora: Lora | None = None,
     batch_size: int = 8,
     seqlen: int | None = None,
+    backend: str | None = None,
 ) -> PerplexityResult:
     """Row-wise perplexity of token ids ``[n, seqlen]``.
 
@@ -165,6 +170,7 @@ def perplexity_ids(
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     n, length = arr.shape
     bs = min(batch_size, n)
+    backend = backend or default_backend()
     start = time.perf_counter()
     total = 0.0
     for i in range(0, n, bs):
@@ -173,7 +179,7 @@ def perplexity_ids(
         if chunk.shape[0] < bs:
             weight[chunk.shape[0]:] = 0.0
             chunk = np.concatenate([chunk, np.zeros((bs - chunk.shape[0], length), np.int32)])
-        total += float(nll_sums(params, lora, jnp.asarray(chunk), jnp.asarray(weight), cfg, lora_scale))
+        total += float(nll_sums(params, lora, jnp.asarray(chunk), jnp.asarray(weight), cfg, backend))
     seconds = time.perf_counter() - start
     tokens = n * (length - 1)
     mean = total / tokens
@@ -187,9 +193,9 @@ def perplexity(
     *,
     seqlen: int = 2048,
     config: ModelConfig | None = None,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float = 1.0,
+    lora: Lora | None = None,
     batch_size: int = 8,
+    backend: str | None = None,
 ) -> PerplexityResult:
     """Perplexity by the DESIGN.md protocol.
 
@@ -199,7 +205,7 @@ def perplexity(
     """
     return perplexity_ids(
         model, text_to_windows(text, tokenizer, seqlen), config=config, lora=lora,
-        lora_scale=lora_scale, batch_size=batch_size,
+        batch_size=batch_size, backend=backend,
     )
 
 
@@ -215,9 +221,9 @@ def block_outputs(
     ids: Any,
     *,
     config: ModelConfig | None = None,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float = 1.0,
+    lora: Lora | None = None,
     attention_mask: Any = None,
+    backend: str | None = None,
 ) -> list[jnp.ndarray]:
     """Every decoder block's output hidden states ``[b, s, D]`` (jitted), in layer order.
 
@@ -227,7 +233,8 @@ def block_outputs(
     params, cfg = _resolve(model, config)
     arr = _check_ids(ids, cfg.vocab_size)
     mask = None if attention_mask is None else jnp.asarray(attention_mask)
-    return block_outputs_jit(params, jnp.asarray(arr), cfg, lora=lora, lora_scale=lora_scale, attention_mask=mask)
+    return _block_outputs_jit(params, jnp.asarray(arr), cfg, lora=lora, attention_mask=mask,
+                              backend=backend or default_backend())
 
 
 def activation_errors(
@@ -236,9 +243,9 @@ def activation_errors(
     ids: Any,
     *,
     config: ModelConfig | None = None,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float = 1.0,
+    lora: Lora | None = None,
     batch_size: int = 8,
+    backend: str | None = None,
 ) -> list[float]:
     """Per-block relative activation error of ``q_model`` (with optional LoRA) vs ``fp_model``.
 
@@ -251,10 +258,11 @@ def activation_errors(
     arr = _check_ids(ids, cfg.vocab_size)
     num = np.zeros(cfg.num_hidden_layers)
     den = np.zeros(cfg.num_hidden_layers)
+    backend = backend or default_backend()
     for i in range(0, arr.shape[0], batch_size):
         chunk = jnp.asarray(arr[i : i + batch_size])
-        fp = block_outputs_jit(fp_params, chunk, cfg)
-        q = block_outputs_jit(q_params, chunk, cfg, lora=lora, lora_scale=lora_scale)
+        fp = _block_outputs_jit(fp_params, chunk, cfg, backend=backend)
+        q = _block_outputs_jit(q_params, chunk, cfg, lora=lora, backend=backend)
         for j, (a, b) in enumerate(zip(fp, q)):
             a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
             num[j] += float(jnp.sum((a32 - b32) ** 2))

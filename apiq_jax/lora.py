@@ -1,9 +1,13 @@
 """LoRA parameters as a pytree kept separate from the frozen (quantized) weights.
 
-A LoRA tree mirrors the model params: ``{"layers": [{"q_proj": {"a": [in, r],
-"b": [r, out]}, ...}, ...]}``, one entry per targeted linear. A targeted linear computes
-``y = x @ W.T + (alpha / r) * (x @ a) @ b`` (``W`` in PyTorch ``[out, in]`` layout), so the
-dense equivalent is ``W + (alpha / r) * (a @ b).T``.
+A :class:`Lora` is a registered dataclass pytree: its ``factors`` (the children) mirror the
+model params, ``{"layers": [{"q_proj": {"a": [in, r], "b": [r, out]}, ...}, ...]}``, one
+entry per targeted linear, and its :class:`LoraConfig` (rank, alpha, targets) is static
+metadata, so the tree carries its own scale ``alpha / r``. A targeted linear computes
+``y = x @ W.T + lora.scale * (x @ a) @ b`` (``W`` in PyTorch ``[out, in]`` layout), so the
+dense equivalent is ``W + lora.scale * (a @ b).T``. Indexing a ``Lora`` gives the
+sub-tree as a ``Lora`` with the same config (``lora["layers"][3]["q_proj"]``), down to the
+arrays themselves (``lora["layers"][3]["q_proj"]["a"]``).
 
 This module knows the params layout (``params["layers"][i][name]``) but nothing about
 the model math.
@@ -26,7 +30,6 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _ALIASES = {t.split("_")[0]: t for t in ALL_TARGETS}  # "q" -> "q_proj", "gate" -> "gate_proj"
 INIT_METHODS = ("qlora", "zeros")
 
-LoraTree = dict[str, Any]
 
 
 def normalize_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
@@ -82,7 +85,7 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         """``alpha / rank``."""
-        return lora_scale(self)
+        return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -94,9 +97,96 @@ class LoraConfig:
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]))
 
 
-def lora_scale(config: LoraConfig) -> float:
-    """The LoRA scaling ``alpha / r``."""
-    return config.alpha / config.rank
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """LoRA factors with their config: a pytree whose leaves are the factors only.
+
+    Attributes:
+      factors: the factor arrays (children): ``{"layers": [{name: {"a": [in, r],
+        "b": [r, out]}}]}`` for a model, ``{name: {"a", "b"}}`` for one layer or
+        ``{"a", "b"}`` for one linear.
+      config: the :class:`LoraConfig` (static metadata: rank, alpha, targets).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lora = Lora({"a": jnp.ones((4, 2)), "b": jnp.zeros((2, 3))}, LoraConfig(rank=2, alpha=4.0))
+      >>> lora.scale, lora.a.shape, lora.b.shape
+      (2.0, (4, 2), (2, 3))
+    """
+
+    factors: Any
+    config: LoraConfig = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def rank(self) -> int:
+        """r, the inner dimension of the factors."""
+        return self.config.rank
+
+    @property
+    def alpha(self) -> float:
+        """The scaling numerator."""
+        return self.config.alpha
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor of the LoRA term."""
+        return self.config.scale
+
+    @property
+    def a(self) -> jnp.ndarray:
+        """``a [in, r]`` of a one-linear ``Lora``."""
+        return self.factors["a"]
+
+    @property
+    def b(self) -> jnp.ndarray:
+        """``b [r, out]`` of a one-linear ``Lora``."""
+        return self.factors["b"]
+
+    @property
+    def layers(self) -> list["Lora"]:
+        """One ``Lora`` per decoder layer of a model-level tree."""
+        return [Lora(layer, self.config) for layer in self.factors["layers"]]
+
+    def __getitem__(self, key: Any) -> Any:
+        """Sub-tree ``factors[key]``: a ``Lora`` (same config) for a container, the array itself for a leaf."""
+        sub = self.factors[key]
+        return Lora(sub, self.config) if isinstance(sub, (Mapping, list, tuple)) else sub
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``self[key]`` when present, else ``default``."""
+        try:
+            return self[key]
+        except (KeyError, IndexError, TypeError):
+            return default
+
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(self.factors, Mapping) and key in self.factors
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __iter__(self) -> Any:
+        """Keys of a mapping-level ``factors``; sub-trees (as ``Lora``) of a list-level one."""
+        if isinstance(self.factors, Mapping):
+            return iter(self.factors)
+        return (self[i] for i in range(len(self.factors)))
+
+    def keys(self) -> Any:
+        """Keys of a mapping-level ``factors``."""
+        return self.factors.keys()
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """``(key, self[key])`` pairs of a mapping-level ``factors``."""
+        return [(k, self[k]) for k in self.factors]
+
+    def replace(self, factors: Any) -> "Lora":
+        """The same config with other factors."""
+        return Lora(factors, self.config)
+
+    def astype(self, dtype: Any) -> "Lora":
+        """Every factor cast to ``dtype``."""
+        return self.replace(jax.tree.map(lambda x: jnp.asarray(x, dtype), self.factors))
 
 
 def _weight_shape(w: Any, where: str) -> tuple[int, int]:
@@ -126,13 +216,30 @@ def init_lora(
     *,
     method: str = "qlora",
     dtype: Any = jnp.float32,
-) -> LoraTree:
+) -> Lora:
     """Fresh LoRA factors for every targeted linear of ``params``.
 
     ``method="qlora"``: ``a ~ U(-1/sqrt(in), 1/sqrt(in))`` (what peft's
     ``kaiming_uniform_(a=sqrt(5))`` gives) and ``b = 0``, so the model output is unchanged.
     ``method="zeros"``: both zero (placeholders to be overwritten).
     Linear leaves may be dense or QuantizedTensor (only the shape is used).
+
+    Args:
+      params: the model params (``params["layers"][i][name]`` is a 2-D ``[out, in]`` weight).
+      config: rank, alpha and targets.
+      key: a jax PRNG key (split per linear).
+      method: "qlora" or "zeros".
+      dtype: dtype of the factors.
+
+    Returns:
+      A :class:`Lora` over ``config.targets`` of every layer.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"layers": [{"q_proj": jnp.zeros((8, 16))}]}
+      >>> lora = init_lora(params, LoraConfig(rank=4, alpha=8.0, targets=("q",)), jax.random.key(0))
+      >>> lora["layers"][0]["q_proj"].a.shape, lora.scale
+      ((16, 4), 2.0)
     """
     if method not in INIT_METHODS:
         raise ValueError(f"method={method!r} is not supported; accepted: {INIT_METHODS}")
@@ -153,7 +260,7 @@ def init_lora(
             entry[name] = {"a": a, "b": jnp.zeros((config.rank, out_f), dtype)}
             n += 1
         out_layers.append(entry)
-    return {"layers": out_layers}
+    return Lora({"layers": out_layers}, config)
 
 
 def lora_from_factors(
@@ -162,15 +269,17 @@ def lora_from_factors(
     factors: Mapping[str, Any],
     *,
     dtype: Any = jnp.float32,
-) -> LoraTree:
-    """A LoRA tree from given factors, validated against ``params`` and ``config``.
+) -> Lora:
+    """A :class:`Lora` from given factors, validated against ``params`` and ``config``.
 
-    ``factors`` is either a LoRA tree (``{"layers": [{name: {"a", "b"}}]}``) or a flat
+    ``factors`` is either a :class:`Lora`, a nested tree (``{"layers": [{name: {"a", "b"}}]}``) or a flat
     mapping ``{"layers.<i>.<name>": (a, b)}`` / ``{"layers.<i>.<name>": {"a", "b"}}``.
     Each ``a`` must be ``[in, rank]`` and ``b`` ``[rank, out]`` for that linear; every
     targeted linear must be given. Raises ValueError naming the bad entry.
     """
     layers = _layers(params)
+    if isinstance(factors, Lora):
+        factors = factors.factors
     if "layers" in factors:
         flat = {
             f"layers.{i}.{name}": ab
@@ -202,41 +311,49 @@ def lora_from_factors(
                 )
             entry[name] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
         out_layers.append(entry)
-    return {"layers": out_layers}
+    return Lora({"layers": out_layers}, config)
 
 
-def lora_delta(ab: Mapping[str, jnp.ndarray], scale: float) -> jnp.ndarray:
-    """Dense ``[out, in]`` update ``scale * (a @ b).T`` of one linear."""
-    a = ab["a"].astype(jnp.float32)
-    b = ab["b"].astype(jnp.float32)
-    return scale * (a @ b).T
+def lora_delta(lora: Lora) -> jnp.ndarray:
+    """Dense ``[out, in]`` update ``lora.scale * (a @ b).T`` of a one-linear :class:`Lora`."""
+    a = lora.a.astype(jnp.float32)
+    b = lora.b.astype(jnp.float32)
+    return lora.scale * (a @ b).T
 
 
-def merge_lora(params: Mapping[str, Any], lora: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+def merge_lora(params: Mapping[str, Any], lora: Lora) -> dict[str, Any]:
     """Fold LoRA into dense weights: ``W <- W_hat + (alpha/r) * (a @ b).T`` per targeted linear.
 
     QuantizedTensor weights are dequantized first, so targeted linears come back dense
     (in the weight's dtype); everything else is returned unchanged (shared, not copied).
+
+    Args:
+      params: the model params (dense or frozen).
+      lora: the model's :class:`Lora`.
+
+    Returns:
+      The params with every targeted linear dense and merged.
     """
-    scale = lora_scale(config)
+    if not isinstance(lora, Lora):
+        raise ValueError(f"lora must be an apiq_jax.lora.Lora, got {type(lora).__name__}")
     layers = _layers(params)
-    if len(lora["layers"]) != len(layers):
-        raise ValueError(f"LoRA has {len(lora['layers'])} layers, params have {len(layers)}")
+    if len(lora.layers) != len(layers):
+        raise ValueError(f"LoRA has {len(lora.layers)} layers, params have {len(layers)}")
     new_layers = []
-    for i, (layer, lo) in enumerate(zip(layers, lora["layers"])):
+    for i, (layer, lo) in enumerate(zip(layers, lora.layers)):
         new = dict(layer)
         for name, ab in lo.items():
             if name not in layer:
                 raise ValueError(f"LoRA targets layers.{i}.{name}, which params do not have")
             w = layer[name]
             dense = dequantize(w) if isinstance(w, QuantizedTensor) else w
-            new[name] = (dense.astype(jnp.float32) + lora_delta(ab, scale)).astype(dense.dtype)
+            new[name] = (dense.astype(jnp.float32) + lora_delta(ab)).astype(dense.dtype)
         new_layers.append(new)
     out = dict(params)
     out["layers"] = new_layers
     return out
 
 
-def num_lora_params(lora: Mapping[str, Any]) -> int:
+def num_lora_params(lora: Lora) -> int:
     """Total number of trainable LoRA values."""
     return sum(int(x.size) for x in jax.tree.leaves(lora))

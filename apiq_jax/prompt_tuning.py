@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import embed, forward_embeddings
 from apiq_jax.quant import QuantizedTensor, dequantize
@@ -56,26 +57,26 @@ def prompt_forward(
     ids: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` at the positions of ``ids [b, s]`` with ``prompt [n, D]`` prepended."""
     if prompt.ndim != 2 or prompt.shape[1] != config.hidden_size:
         raise ValueError(f"prompt has shape {prompt.shape}; expected [n_tokens, {config.hidden_size}]")
     x = embed(params, ids, config)
     soft = jnp.broadcast_to(prompt.astype(x.dtype)[None], (x.shape[0], *prompt.shape))
-    logits = forward_embeddings(params, lora, jnp.concatenate([soft, x], axis=1), config, lora_scale=lora_scale)
+    logits = forward_embeddings(params, lora, jnp.concatenate([soft, x], axis=1), config, backend=backend)
     return logits[:, prompt.shape[0]:]
 
 
 def prompt_loss_fn(
-    config: ModelConfig, *, lora: Mapping[str, Any] | None = None, lora_scale: float = 1.0
-) -> Callable[[jnp.ndarray, Mapping[str, Any], jnp.ndarray], jnp.ndarray]:
-    """``loss(prompt, frozen, ids)``: mean next-token NLL of ``ids`` after the soft prompt."""
+    config: ModelConfig, *, lora: Lora | None = None, backend: str | None = None
+) -> Callable[[Mapping[str, Any], jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+    """``loss(frozen, prompt, ids)``: mean next-token NLL of ``ids`` after the soft prompt."""
 
-    def loss(prompt: jnp.ndarray, frozen: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+    def loss(frozen: Mapping[str, Any], prompt: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
         frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-        logits = prompt_forward(frozen, prompt, ids, config, lora=lora, lora_scale=lora_scale)
+        logits = prompt_forward(frozen, prompt, ids, config, lora=lora, backend=backend)
         return next_token_nll(logits, ids)
 
     return loss

@@ -8,7 +8,7 @@ logits of the targeted linears; everything else stays frozen. :func:`qat_freeze`
 the result bit-packed, and its dequantized weights are exactly the ones trained against::
 
     trainable, rest = qat_split(params, QuantConfig(bits=2, group_size=64))
-    trainable, losses = finetune(rest, trainable, config, 1.0, ids, cfg, loss_fn=qat_loss_fn(config, qcfg),
+    trainable, losses = finetune(rest, trainable, ids, config, cfg, loss_fn=qat_loss_fn(config, qcfg),
                                  optimizer=qat_optimizer(cfg, clip_lr=5e-3))
     frozen = qat_freeze(rest, trainable, qcfg)     # QuantizedTensor linears, no LoRA
 """
@@ -76,10 +76,10 @@ def qat_params(rest: Mapping[str, Any], trainable: Trainable, quant_config: Quan
 
 def qat_loss_fn(
     config: ModelConfig, quant_config: QuantConfig
-) -> Callable[[Trainable, Mapping[str, Any], jnp.ndarray], jnp.ndarray]:
-    """``loss(trainable, rest, ids)``: next-token NLL of the fake-quantized model."""
+) -> Callable[[Mapping[str, Any], Trainable, jnp.ndarray], jnp.ndarray]:
+    """``loss(rest, trainable, ids)``: next-token NLL of the fake-quantized model."""
 
-    def loss(trainable: Trainable, rest: Mapping[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+    def loss(rest: Mapping[str, Any], trainable: Trainable, ids: jnp.ndarray) -> jnp.ndarray:
         rest = jax.tree.map(jax.lax.stop_gradient, rest)
         return next_token_nll(forward(qat_params(rest, trainable, quant_config), None, ids, config), ids)
 

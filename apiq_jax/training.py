@@ -22,8 +22,10 @@ import optax
 from tqdm.auto import tqdm
 
 from apiq_jax.checkpoint import Checkpointer
+from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import forward
+from apiq_jax.qmatmul import default_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +66,27 @@ def make_optimizer(cfg: FinetuneConfig) -> optax.GradientTransformation:
 
 
 def causal_lm_loss(
-    lora: Mapping[str, Any],
     frozen: Mapping[str, Any],
+    lora: Lora,
     ids: jnp.ndarray,
     config: ModelConfig,
-    lora_scale: float,
+    *,
+    backend: str | None = None,
 ) -> jnp.ndarray:
-    """Mean next-token NLL of ``ids [b, s]`` (a function of ``lora`` only; ``frozen`` is constant)."""
+    """Mean next-token NLL of ``ids [b, s]`` (a function of ``lora`` only; ``frozen`` is constant).
+
+    Args:
+      frozen: the frozen params.
+      lora: the model's :class:`~apiq_jax.lora.Lora`.
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      The scalar float32 loss.
+    """
     frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-    return next_token_nll(forward(frozen, lora, ids, config, lora_scale=lora_scale), ids)
+    return next_token_nll(forward(frozen, lora, ids, config, backend=backend), ids)
 
 
 def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
@@ -81,23 +95,38 @@ def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
 
-LossFn = Callable[[Any, Mapping[str, Any], jnp.ndarray], jnp.ndarray]
+#: ``loss_fn(frozen, trainable, ids) -> scalar``: the finetuning objective of a trainable pytree.
+LossFn = Callable[[Mapping[str, Any], Any, jnp.ndarray], jnp.ndarray]
 
 
 def make_train_step(
-    config: ModelConfig, lora_scale: float, optimizer: optax.GradientTransformation, loss_fn: LossFn | None = None
-):
-    """A jitted ``step(trainable, opt_state, frozen, ids) -> (trainable, opt_state, loss)``.
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    loss_fn: LossFn | None = None,
+    *,
+    backend: str | None = None,
+) -> Callable[..., tuple[Any, Any, jnp.ndarray]]:
+    """A jitted ``step(frozen, trainable, opt_state, ids) -> (trainable, opt_state, loss)``.
 
-    ``loss_fn(trainable, frozen, ids)`` defaults to :func:`causal_lm_loss` of a LoRA tree.
+    Args:
+      config: the model config.
+      optimizer: the optax transformation.
+      loss_fn: ``loss_fn(frozen, trainable, ids)``; default :func:`causal_lm_loss` of a
+        :class:`~apiq_jax.lora.Lora`.
+      backend: qmatmul backend used by the default loss.
+
+    Returns:
+      The jitted step (gradients with respect to ``trainable`` only).
     """
     if loss_fn is None:
-        def loss_fn(lora, frozen, ids):
-            return causal_lm_loss(lora, frozen, ids, config, lora_scale)
+        backend = backend or default_backend()
+
+        def loss_fn(frozen, lora, ids):
+            return causal_lm_loss(frozen, lora, ids, config, backend=backend)
 
     @jax.jit
-    def step(trainable, opt_state, frozen, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
+    def step(frozen, trainable, opt_state, ids):
+        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, ids)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -117,34 +146,64 @@ def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndar
 
 def finetune(
     frozen: Mapping[str, Any],
-    lora: Mapping[str, Any],
-    model_config: ModelConfig,
-    lora_scale: float,
+    lora: Any,
     train_ids: np.ndarray,
-    cfg: FinetuneConfig = FinetuneConfig(),
+    config: ModelConfig,
+    finetune_config: FinetuneConfig = FinetuneConfig(),
     *,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     loss_fn: LossFn | None = None,
     optimizer: optax.GradientTransformation | None = None,
+    backend: str | None = None,
 ) -> tuple[Any, list[float]]:
-    """Train ``lora`` on token windows ``train_ids [n, seqlen]``; returns (lora, loss per step).
+    """Train ``lora`` on token windows ``train_ids [n, seqlen]``.
 
-    With ``checkpoint_dir`` the state is saved every ``cfg.save_every`` steps and at the
-    end, and an existing checkpoint there is resumed from (its loss history included).
-    ``loss_fn(trainable, frozen, ids)`` trains another pytree in place of ``lora`` (e.g. a
-    soft prompt, see :func:`apiq_jax.prompt_tuning.prompt_loss_fn`); ``optimizer`` replaces
-    :func:`make_optimizer` (e.g. per-group learning rates, :func:`apiq_jax.qat.qat_optimizer`).
+    With ``checkpoint_dir`` the state is saved every ``finetune_config.save_every`` steps
+    and at the end, and an existing checkpoint there is resumed from (its loss history
+    included).
+
+    Args:
+      frozen: the frozen (quantized) params.
+      lora: the trainable pytree: the model's :class:`~apiq_jax.lora.Lora` by default, or
+        whatever ``loss_fn`` trains (a soft prompt, adapters, QAT weights).
+      train_ids: int token windows ``[n, seqlen]``.
+      config: the model config.
+      finetune_config: steps, batch size, learning rate, ...
+      checkpoint_dir: where to save and resume (None: no checkpoints).
+      progress: show a tqdm bar with the running loss.
+      loss_fn: ``loss_fn(frozen, trainable, ids)`` in place of :func:`causal_lm_loss` (e.g.
+        :func:`apiq_jax.prompt_tuning.prompt_loss_fn`).
+      optimizer: replaces :func:`make_optimizer` (e.g. :func:`apiq_jax.qat.qat_optimizer`).
+      backend: qmatmul backend of quantized linears (None: the default).
+
+    Returns:
+      ``(trained, losses)``: the trained pytree and the loss of every step.
+
+    Example:
+      >>> import jax
+      >>> from apiq_jax import FinetuneConfig, LoraConfig, QuantConfig, finetune, quantize_model
+      >>> from apiq_jax.models import ModelConfig, init_params
+      >>> cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=64,
+      ...                   intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+      ...                   num_key_value_heads=2, head_dim=16)
+      >>> frozen, lora = quantize_model(init_params(cfg, jax.random.key(0)), QuantConfig(bits=2, group_size=32),
+      ...                               LoraConfig(rank=4), key=jax.random.key(1))
+      >>> ids = jax.random.randint(jax.random.key(2), (4, 16), 0, 32)
+      >>> lora, losses = finetune(frozen, lora, ids, cfg, FinetuneConfig(steps=2, batch_size=2), progress=False)
+      >>> len(losses)
+      2
     """
+    cfg = finetune_config
     ids = np.asarray(train_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"train_ids must be a non-empty int array [n, seqlen >= 2], got shape {ids.shape}")
-    if ids.min() < 0 or ids.max() >= model_config.vocab_size:
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise ValueError(
-            f"train_ids hold ids in [{ids.min()}, {ids.max()}]; accepted: 0 <= id < {model_config.vocab_size}"
+            f"train_ids hold ids in [{ids.min()}, {ids.max()}]; accepted: 0 <= id < {config.vocab_size}"
         )
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
-    step_fn = make_train_step(model_config, lora_scale, optimizer, loss_fn)
+    step_fn = make_train_step(config, optimizer, loss_fn, backend=backend)
     state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.int32(0),
              "losses": jnp.zeros((cfg.steps,), jnp.float32)}
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
@@ -155,7 +214,7 @@ def finetune(
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         batch = jnp.asarray(ids[batch_indices(len(ids), cfg.batch_size, step, cfg.seed)], jnp.int32)
-        lora, opt_state, loss = step_fn(lora, opt_state, frozen, batch)
+        lora, opt_state, loss = step_fn(frozen, lora, opt_state, batch)
         losses[step] = float(loss)
         bar.set_postfix(loss=f"{losses[step]:.4f}")
         done = step + 1

@@ -47,15 +47,15 @@ def test_adapter_training_on_frozen_quantized_model():
     ids = np.random.default_rng(0).integers(100, 104, size=(32, 32)).astype(np.int32)
     ad0 = init_adapters(cfg_m, 8, key=jax.random.key(3))
     cfg = FinetuneConfig(steps=20, batch_size=8, learning_rate=1e-2)
-    ad, losses = finetune(frozen, ad0, cfg_m, 1.0, ids, cfg, progress=False, loss_fn=adapter_loss_fn(cfg_m))
+    ad, losses = finetune(frozen, ad0, ids, cfg_m, cfg, progress=False, loss_fn=adapter_loss_fn(cfg_m))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     np.testing.assert_array_equal(np.asarray(frozen["layers"][0]["up_proj"].codes), codes)
     assert float(jnp.abs(ad["layers"][2]["up"]).max()) > 0
     # composes with LoRA: zero adapters + LoRA equals the LoRA model
     x = jnp.asarray(ids[:2])
     np.testing.assert_allclose(
-        np.asarray(adapter_forward(frozen, ad0, x, cfg_m, lora=lora, lora_scale=lcfg.scale)),
-        np.asarray(apply(frozen, lora, x, cfg_m, lora_scale=lcfg.scale)), rtol=0, atol=1e-5)
+        np.asarray(adapter_forward(frozen, ad0, x, cfg_m, lora=lora)),
+        np.asarray(apply(frozen, lora, x, cfg_m)), rtol=0, atol=1e-5)
 
 
 def test_bad_adapter_arguments():

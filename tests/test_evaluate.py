@@ -21,7 +21,7 @@ from apiq_jax.evaluate import (
     windows,
 )
 from apiq_jax.lora import LoraConfig
-from apiq_jax.models import final_logits, forward_jit, load_pretrained, load_tokenizer, quantize_model
+from apiq_jax.models import final_logits, forward, load_pretrained, load_tokenizer, quantize_model
 from apiq_jax.quant import QuantConfig
 from tests.conftest import require_shared
 
@@ -102,14 +102,14 @@ def test_block_outputs_and_activation_error(stories):
     outs = block_outputs(params, ids, config=cfg)
     assert len(outs) == cfg.num_hidden_layers and outs[0].shape == (2, 64, cfg.hidden_size)
     np.testing.assert_allclose(np.asarray(final_logits(params, outs[-1], cfg)),
-                               np.asarray(forward_jit(params, None, ids, cfg)), atol=1e-5)
+                               np.asarray(jax.jit(forward, static_argnames="config")(params, None, ids, cfg)), atol=1e-5)
     assert activation_errors(model, model, ids) == [0.0] * cfg.num_hidden_layers
     lcfg = LoraConfig(rank=4, alpha=8)
     errs = {}
     for bits in (2, 4):
         frozen, lora = quantize_model(params, QuantConfig(bits=bits, group_size=64), lcfg, key=jax.random.key(0))
-        errs[bits] = activation_errors(model, frozen, ids, lora=lora, lora_scale=lcfg.scale, batch_size=1)
+        errs[bits] = activation_errors(model, frozen, ids, lora=lora, batch_size=1)
     assert all(0 < e4 < e2 for e4, e2 in zip(errs[4], errs[2]))
     x = outs[2]
-    q_outs = block_outputs(frozen, ids, config=cfg, lora=lora, lora_scale=lcfg.scale)
+    q_outs = block_outputs(frozen, ids, config=cfg, lora=lora)
     assert abs(relative_error(x, q_outs[2]) - errs[4][2]) < 1e-4 * errs[4][2] + 1e-9

@@ -11,11 +11,11 @@ import pytest
 
 from apiq_jax.lora import (
     ALL_TARGETS,
+    Lora,
     LoraConfig,
     init_lora,
     lora_delta,
     lora_from_factors,
-    lora_scale,
     merge_lora,
     normalize_targets,
     num_lora_params,
@@ -33,7 +33,7 @@ def params():
 
 def test_config_validation_and_aliases():
     cfg = LoraConfig(rank=8, alpha=16, targets="q,v")
-    assert cfg.targets == ("q_proj", "v_proj") and cfg.scale == 2.0 == lora_scale(cfg)
+    assert cfg.targets == ("q_proj", "v_proj") and cfg.scale == 2.0
     assert LoraConfig().targets == ALL_TARGETS and LoraConfig().scale == 16 / 64
     assert hash(cfg) == hash(LoraConfig(rank=8, alpha=16.0, targets=("v_proj", "q")))
     assert normalize_targets("all") == ALL_TARGETS
@@ -97,8 +97,9 @@ def test_linear_formula():
     w = jax.random.normal(k[1], (6, 10))
     ab = {"a": jax.random.normal(k[2], (10, 4)), "b": jax.random.normal(k[3], (4, 6))}
     expected = np.asarray(x) @ np.asarray(w).T + 0.5 * (np.asarray(x) @ np.asarray(ab["a"])) @ np.asarray(ab["b"])
-    np.testing.assert_allclose(np.asarray(linear(x, w, ab, 0.5)), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(lora_delta(ab, 0.5)),
+    lora = Lora(ab, LoraConfig(rank=4, alpha=2.0))  # scale 0.5 carried by the tree
+    np.testing.assert_allclose(np.asarray(linear(x, w, lora)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lora_delta(lora)),
                                0.5 * (np.asarray(ab["a"]) @ np.asarray(ab["b"])).T, rtol=1e-5, atol=1e-6)
 
 
@@ -124,10 +125,10 @@ def test_merge_lora_matches_forward_with_lora(params):
     lora = init_lora(params, cfg, jax.random.key(2))
     lora = jax.tree.map(lambda x: x + 0.05, lora)  # b != 0
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 9)), jnp.int32)
-    with_lora = forward(params, lora, ids, CFG, lora_scale=cfg.scale)
-    merged = merge_lora(params, lora, cfg)
+    with_lora = forward(params, lora, ids, CFG)
+    merged = merge_lora(params, lora)
     np.testing.assert_allclose(np.asarray(forward(merged, None, ids, CFG)), np.asarray(with_lora), atol=1e-5)
     assert not np.allclose(np.asarray(forward(params, None, ids, CFG)), np.asarray(with_lora), atol=1e-3)
     assert merged["embed_tokens"] is params["embed_tokens"]
     with pytest.raises(ValueError, match="LoRA has 1 layers, params have 2"):
-        merge_lora(params, {"layers": lora["layers"][:1]}, cfg)
+        merge_lora(params, lora.replace({"layers": lora.factors["layers"][:1]}))

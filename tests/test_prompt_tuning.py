@@ -49,13 +49,13 @@ def test_prompt_training_on_frozen_quantized_model():
     table = np.asarray(frozen["embed_tokens"])  # "vocab" init copies rows of the embedding table
     assert all(np.any(np.all(table == row, axis=1)) for row in np.asarray(prompt0))
     cfg = FinetuneConfig(steps=20, batch_size=8, learning_rate=3e-2)
-    prompt, losses = finetune(frozen, prompt0, cfg_m, 1.0, ids, cfg, progress=False, loss_fn=prompt_loss_fn(cfg_m))
+    prompt, losses = finetune(frozen, prompt0, ids, cfg_m, cfg, progress=False, loss_fn=prompt_loss_fn(cfg_m))
     assert prompt.shape == prompt0.shape
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses  # measured ~0.45
     np.testing.assert_array_equal(np.asarray(frozen["layers"][1]["down_proj"].codes), codes)
     # with LoRA too: the LoRA tree is a constant of the prompt loss
-    loss = prompt_loss_fn(cfg_m, lora=lora, lora_scale=2.0)
-    g = jax.grad(loss)(prompt, frozen, jnp.asarray(ids[:2]))
+    loss = prompt_loss_fn(cfg_m, lora=lora)
+    g = jax.grad(loss, argnums=1)(frozen, prompt, jnp.asarray(ids[:2]))
     assert g.shape == prompt.shape and float(jnp.abs(g).max()) > 0
 
 

@@ -46,7 +46,7 @@ def test_qat_lowers_the_loss_of_the_stored_model(demo):
 
     before = stored_loss(trainable)
     fcfg = FinetuneConfig(steps=40, batch_size=8, learning_rate=1e-4)
-    trained, losses = finetune(rest, trainable, cfg, 1.0, ids, fcfg, progress=False, loss_fn=qat_loss_fn(cfg, QCFG),
+    trained, losses = finetune(rest, trainable, ids, cfg, fcfg, progress=False, loss_fn=qat_loss_fn(cfg, QCFG),
                                optimizer=qat_optimizer(fcfg, clip_lr=1e-2))
     after = stored_loss(trained)
     x = jnp.asarray(held_out)

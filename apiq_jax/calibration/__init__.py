@@ -3,7 +3,7 @@
 Every method shares one signature (see :mod:`apiq_jax.calibration.common`)::
 
     method(params, model_config, calib_ids, quant_config, lora_config, *, key, **options)
-        -> CalibrationResult(params=frozen, lora=lora, report=report, lora_scale=alpha / r)
+        -> CalibrationResult(params=frozen, lora=lora, report=report)   # lora: a Lora carrying alpha / r
 
 :data:`METHODS` maps the registry name to the callable.
 """

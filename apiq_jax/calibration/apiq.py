@@ -66,7 +66,7 @@ from apiq_jax.calibration.common import (
     run_block,
     validate_inputs,
 )
-from apiq_jax.lora import LoraConfig, init_lora, lora_from_factors
+from apiq_jax.lora import Lora, LoraConfig, init_lora, lora_from_factors
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import (
     attention,
@@ -325,22 +325,22 @@ def bw_block_loss(
     t2: jnp.ndarray | None,
     config: ModelConfig,
     qcfg: QuantConfig,
-    lora_scale: float,
     layer_idx: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """ApiQ-bw loss of one batch ``x_q [b, s, D]``: ``(loss, [term_fp, term_fp2])``.
 
-    ``train = {"clip": {name: {"gamma", "beta"}}, "lora": {name: {"a", "b"}}}``; every linear
-    in ``train["clip"]`` is fake-quantized from its dense weight in ``layer``.
+    ``train = {"clip": {name: {"gamma", "beta"}}, "lora": Lora({name: {"a", "b"}})}`` (the
+    block's :class:`~apiq_jax.lora.Lora`); every linear in ``train["clip"]`` is
+    fake-quantized from its dense weight in ``layer``.
     """
     qlayer = _fake_quant_layer(layer, train["clip"], qcfg)
-    y = block_forward(qlayer, x_q, config, lora=train["lora"], lora_scale=lora_scale, layer_idx=layer_idx)
+    y = block_forward(qlayer, x_q, config, lora=train["lora"], layer_idx=layer_idx)
     l1 = jnp.mean((t1 - y) ** 2)
     l2 = jnp.mean((t2 - y) ** 2) if t2 is not None else jnp.zeros((), l1.dtype)
     return l1 + l2, jnp.stack([l1, l2])
 
 
-@partial(jax.jit, static_argnames=("config", "qcfg", "opts", "lora_scale", "layer_idx", "progress"))
+@partial(jax.jit, static_argnames=("config", "qcfg", "opts", "layer_idx", "progress"))
 def train_block_bw(
     layer: Mapping[str, Any],
     train0: Tree,
@@ -351,7 +351,6 @@ def train_block_bw(
     config: ModelConfig,
     qcfg: QuantConfig,
     opts: ApiQOptions,
-    lora_scale: float,
     layer_idx: int | None = None,
     progress: bool = False,
 ) -> tuple[Tree, jnp.ndarray, jnp.ndarray]:
@@ -372,19 +371,19 @@ def train_block_bw(
 
     def loss_fn(train, batch):
         xb, t1b, t2b = batch
-        return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, lora_scale, layer_idx)
+        return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
 
     return _run_epochs(loss_fn, train0, batches, nb, opts, progress)
 
 
 # --- ApiQ-lw pieces ---------------------------------------------------------------------------
-def _attention_core(layer, h, config, lora, lora_scale, cos, sin, mask):
+def _attention_core(layer, h, config, lora, cos, sin, mask):
     """Attention output *before* o_proj (o_proj replaced by an exact identity)."""
     q_dim = config.num_attention_heads * config.head_dim
     p = {k: v for k, v in layer.items() if k not in ("o_proj", "o_proj_bias")}
     p["o_proj"] = jnp.eye(q_dim, dtype=h.dtype)
-    lo = None if lora is None else {k: v for k, v in lora.items() if k != "o_proj"}
-    return attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lo, lora_scale=lora_scale)
+    lo = None if lora is None else lora.replace({k: v for k, v in lora.factors.items() if k != "o_proj"})
+    return attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lo)
 
 
 def lw_stage_inputs(
@@ -392,8 +391,7 @@ def lw_stage_inputs(
     x: jnp.ndarray,
     config: ModelConfig,
     stage: int,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float = 1.0,
+    lora: Lora | None = None,
     layer_idx: int | None = None,
 ) -> jnp.ndarray:
     """Input of the linears of ApiQ-lw ``stage`` (index into :data:`LW_STAGES`) for block input ``x``.
@@ -411,23 +409,23 @@ def lw_stage_inputs(
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
     cos, sin = rope_cos_sin(pos, config, x.dtype)
     mask = attention_mask_matrix(s, None, config.attention_window(layer_idx))
-    core = _attention_core(layer, h, config, lora, lora_scale, cos, sin, mask)
+    core = _attention_core(layer, h, config, lora, cos, sin, mask)
     if stage == 1:
         return core
     lo = {} if lora is None else lora
-    attn = linear(core, layer["o_proj"], lo.get("o_proj"), lora_scale, bias=layer.get("o_proj_bias"))
+    attn = linear(core, layer["o_proj"], lo.get("o_proj"), bias=layer.get("o_proj_bias"))
     m = rms_norm(x + attn, layer["post_attention_layernorm"], eps)
     if stage == 2:
         return m
-    gate = linear(m, layer["gate_proj"], lo.get("gate_proj"), lora_scale, bias=layer.get("gate_proj_bias"))
-    up = linear(m, layer["up_proj"], lo.get("up_proj"), lora_scale, bias=layer.get("up_proj_bias"))
+    gate = linear(m, layer["gate_proj"], lo.get("gate_proj"), bias=layer.get("gate_proj_bias"))
+    up = linear(m, layer["up_proj"], lo.get("up_proj"), bias=layer.get("up_proj_bias"))
     return jax.nn.silu(gate) * up
 
 
-@partial(jax.jit, static_argnames=("config", "stage", "lora_scale", "layer_idx"))
-def _lw_inputs_all(layer, xs, config, stage, lora, lora_scale, layer_idx):
+@partial(jax.jit, static_argnames=("config", "stage", "layer_idx"))
+def _lw_inputs_all(layer, xs, config, stage, lora, layer_idx):
     def one(x):
-        return lw_stage_inputs(layer, x[None], config, stage, lora, lora_scale, layer_idx)[0]
+        return lw_stage_inputs(layer, x[None], config, stage, lora, layer_idx)[0]
 
     return jax.lax.map(one, xs)
 
@@ -439,7 +437,7 @@ def _shape_groups(names: Sequence[str], layer: Mapping[str, Any], lora_names: Se
     return list(groups.values())
 
 
-def _lw_loss(train, layer, x, xq, names, lora_names, qcfg, lora_scale):
+def _lw_loss(train, layer, x, xq, names, lora_names, qcfg):
     """Sum over the stage's linears of ``mean((x W^T - (xq Q^T + s xq a b))^2)``; same shapes vmapped."""
     total = jnp.zeros((), jnp.float32)
     for group in _shape_groups(names, layer, lora_names):
@@ -455,15 +453,15 @@ def _lw_loss(train, layer, x, xq, names, lora_names, qcfg, lora_scale):
         def one(w_, g_, be_, a_, b_, bias_):
             target = linear(x, w_, bias=bias_)
             q = fake_quantize(w_, qcfg, clip=(g_, be_))
-            ab = None if a_ is None else {"a": a_, "b": b_}
-            y = linear(xq, q, ab, lora_scale, bias=bias_)
+            ab = None if a_ is None else train["lora"].replace({"a": a_, "b": b_})
+            y = linear(xq, q, ab, bias=bias_)
             return jnp.mean((target - y) ** 2)
 
         total = total + jnp.sum(jax.vmap(one)(w, gamma, beta, a, b, bias))
     return total
 
 
-@partial(jax.jit, static_argnames=("names", "lora_names", "qcfg", "opts", "lora_scale", "progress"))
+@partial(jax.jit, static_argnames=("names", "lora_names", "qcfg", "opts", "progress"))
 def train_stage_lw(
     layer: Mapping[str, Any],
     train0: Tree,
@@ -474,7 +472,6 @@ def train_stage_lw(
     lora_names: tuple[str, ...],
     qcfg: QuantConfig,
     opts: ApiQOptions,
-    lora_scale: float,
     progress: bool = False,
 ) -> tuple[Tree, jnp.ndarray, jnp.ndarray]:
     """The ApiQ-lw optimisation of one stage (linears sharing an input), one compiled program.
@@ -487,7 +484,7 @@ def train_stage_lw(
     batches = (x.reshape(nb, bs, *x.shape[1:]), xq.reshape(nb, bs, *xq.shape[1:]))
 
     def loss_fn(train, batch):
-        loss = _lw_loss(train, layer, batch[0], batch[1], names, lora_names, qcfg, lora_scale)
+        loss = _lw_loss(train, layer, batch[0], batch[1], names, lora_names, qcfg)
         return loss, loss[None]
 
     return _run_epochs(loss_fn, train0, batches, nb, opts, progress)
@@ -622,7 +619,6 @@ def _calibrate(
     _check_batching(ids.shape[0], opts)
     timer = Stopwatch()
     lora0 = _initial_lora(params, lora_config, key, lora_init)
-    scale = lora_config.scale
     n_layers = model_config.num_hidden_layers
 
     wd: _WorkDir | None = None
@@ -653,8 +649,7 @@ def _calibrate(
         return {
             "clip": {n: dict(zip(("gamma", "beta"), init_clip(lp[n].shape, quant_config, opts.clip_init)))
                      for n in QUANT_TARGETS},
-            "lora": {n: {k: jnp.asarray(v, jnp.float32) for k, v in lora0["layers"][i][n].items()}
-                     for n in lora_config.targets},
+            "lora": lora0["layers"][i].astype(jnp.float32),
         }
 
     if wd is not None and start > 0:
@@ -677,11 +672,11 @@ def _calibrate(
             bar.start_inner(f"block {i}", opts.epochs if method == "apiq-bw" else opts.epochs * len(LW_STAGES))
             if method == "apiq-bw":
                 train, x_fp_next, x_q_next, rep = _bw_block(
-                    i, layer, train0, x_fp, x_q, model_config, quant_config, opts, scale, li, progress
+                    i, layer, train0, x_fp, x_q, model_config, quant_config, opts, li, progress
                 )
             else:
                 train, x_fp_next, x_q_next, rep = _lw_block(
-                    i, layer, train0, x_fp, x_q, model_config, quant_config, lora_config, opts, scale, li,
+                    i, layer, train0, x_fp, x_q, model_config, quant_config, lora_config, opts, li,
                     progress,
                 )
             x_fp, x_q = x_fp_next, x_q_next
@@ -707,7 +702,7 @@ def _calibrate(
         c = {n: (clips[i][n]["gamma"], clips[i][n]["beta"]) for n in QUANT_TARGETS}
         clip_layers.append(c)
         frozen_layers.append(freeze_layer(lp, quant_config, c))
-        lora_layers.append({n: {k: v.astype(lora0["layers"][i][n][k].dtype) for k, v in loras[i][n].items()}
+        lora_layers.append({n: {k: v.astype(lora0["layers"][i][n][k].dtype) for k, v in loras[i][n].factors.items()}
                             for n in lora_config.targets})
     frozen = dict(params)
     frozen["layers"] = frozen_layers
@@ -719,22 +714,22 @@ def _calibrate(
     if wd is not None:
         report.save_json(wd.path / "report.json")
         report.save_plot(wd.path / "report.png")
-    return CalibrationResult(frozen, {"layers": lora_layers}, report, scale, {"clip": {"layers": clip_layers}})
+    return CalibrationResult(frozen, Lora({"layers": lora_layers}, lora_config), report, {"clip": {"layers": clip_layers}})
 
 
-def _bw_block(i, layer, train0, x_fp, x_q, config, qcfg, opts, scale, li, progress):
-    t1 = run_block(layer, x_fp, config, None, 1.0, layer_idx=li)
-    t2 = run_block(layer, x_q, config, None, 1.0, layer_idx=li) if opts.aug_loss else None
+def _bw_block(i, layer, train0, x_fp, x_q, config, qcfg, opts, li, progress):
+    t1 = run_block(layer, x_fp, config, None, layer_idx=li)
+    t2 = run_block(layer, x_q, config, None, layer_idx=li) if opts.aug_loss else None
     start_layer = _fake_quant_layer(layer, train0["clip"], qcfg)
-    y0 = run_block(start_layer, x_q, config, train0["lora"], scale, layer_idx=li)
+    y0 = run_block(start_layer, x_q, config, train0["lora"], layer_idx=li)
     err_before = relative_error(t1, y0)
     train, losses, terms = train_block_bw(
-        layer, train0, x_q, t1, t2, config=config, qcfg=qcfg, opts=opts, lora_scale=scale, layer_idx=li,
+        layer, train0, x_q, t1, t2, config=config, qcfg=qcfg, opts=opts, layer_idx=li,
         progress=progress,
     )
     clip = {n: (c["gamma"], c["beta"]) for n, c in train["clip"].items()}
     frozen = freeze_layer(layer, qcfg, clip)
-    x_q = run_block(frozen, x_q, config, train["lora"], scale, layer_idx=li)
+    x_q = run_block(frozen, x_q, config, train["lora"], layer_idx=li)
     rep = BlockReport(
         index=i, error_before=err_before, error_after=relative_error(t1, x_q),
         loss_curve=tuple(np.asarray(losses, np.float64).reshape(-1).tolist()),
@@ -743,30 +738,33 @@ def _bw_block(i, layer, train0, x_fp, x_q, config, qcfg, opts, scale, li, progre
     return train, t1, x_q, rep
 
 
-def _lw_block(i, layer, train0, x_fp, x_q, config, qcfg, lora_config, opts, scale, li, progress):
+def _lw_block(i, layer, train0, x_fp, x_q, config, qcfg, lora_config, opts, li, progress):
     lora_names = tuple(n for n in QUANT_TARGETS if n in lora_config.targets)
-    t1 = run_block(layer, x_fp, config, None, 1.0, layer_idx=li)
+    t1 = run_block(layer, x_fp, config, None, layer_idx=li)
     start_layer = _fake_quant_layer(layer, train0["clip"], qcfg)
-    y0 = run_block(start_layer, x_q, config, train0["lora"], scale, layer_idx=li)
+    y0 = run_block(start_layer, x_q, config, train0["lora"], layer_idx=li)
     err_before = relative_error(t1, y0)
     qlayer = dict(layer)  # linears are replaced by QuantizedTensors stage by stage
-    train = {"clip": {}, "lora": {}}
+    clip: Tree = {}
+    lora0: Lora = train0["lora"]
+    factors: Tree = {}  # LoRA factors of the stages done so far (active in the next stages' inputs)
     curves: dict[str, list[float]] = {}
     for stage, names in enumerate(LW_STAGES):
-        x_in = _lw_inputs_all(layer, x_fp, config, stage, None, 1.0, li)
-        xq_in = _lw_inputs_all(qlayer, x_q, config, stage, train["lora"] or None, scale, li)
+        x_in = _lw_inputs_all(layer, x_fp, config, stage, None, li)
+        xq_in = _lw_inputs_all(qlayer, x_q, config, stage, lora0.replace(factors) if factors else None, li)
         st0 = {"clip": {n: train0["clip"][n] for n in names},
-               "lora": {n: train0["lora"][n] for n in names if n in lora_names}}
+               "lora": lora0.replace({n: lora0.factors[n] for n in names if n in lora_names})}
         st, losses, _ = train_stage_lw(
             layer, st0, x_in, xq_in, names=names, lora_names=tuple(n for n in names if n in lora_names),
-            qcfg=qcfg, opts=opts, lora_scale=scale, progress=progress,
+            qcfg=qcfg, opts=opts, progress=progress,
         )
         curves["+".join(names)] = np.asarray(losses, np.float64).reshape(-1).tolist()
-        train["clip"].update(st["clip"])
-        train["lora"].update(st["lora"])
+        clip.update(st["clip"])
+        factors.update(st["lora"].factors)
         qlayer = freeze_layer(qlayer, qcfg, {n: (st["clip"][n]["gamma"], st["clip"][n]["beta"]) for n in names},
                               targets=names)
-    x_q = run_block(qlayer, x_q, config, train["lora"], scale, layer_idx=li)
+    train = {"clip": clip, "lora": lora0.replace(factors)}
+    x_q = run_block(qlayer, x_q, config, train["lora"], layer_idx=li)
     total = np.sum([np.asarray(c) for c in curves.values()], axis=0) if curves else np.zeros(0)
     rep = BlockReport(
         index=i, error_before=err_before, error_after=relative_error(t1, x_q),

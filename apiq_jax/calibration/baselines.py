@@ -91,7 +91,7 @@ def _finish(
     t = Stopwatch()
     n = model_config.num_hidden_layers
     errs: list[float | None] = (
-        list(block_errors(params, frozen, lora, ids, model_config, lora_config.scale))
+        list(block_errors(params, frozen, lora, ids, model_config))
         if measure_error else [None] * n
     )
     extra = block_extra or [{} for _ in range(n)]
@@ -100,7 +100,7 @@ def _finish(
         name, quant_config, lora_config, ids.shape, blocks=blocks, seconds=seconds,
         options=options, extra={"eval_seconds": t.elapsed()},
     )
-    return CalibrationResult(frozen, lora, report, lora_scale=lora_config.scale)
+    return CalibrationResult(frozen, lora, report)
 
 
 # =============================================================================================
@@ -270,7 +270,7 @@ def loftq_init(
 
     Linears in ``lora_config.targets`` get :func:`loftq_matrix` (``num_iter`` alternations,
     peft's default 1; the LoftQ paper uses up to 5), the LoRA factors scaled for
-    ``lora_scale = alpha / r``. Quantized linears without LoRA are plain RTN.
+    ``lora.scale = alpha / r``. Quantized linears without LoRA are plain RTN.
     ``calib_ids`` only feed the per-block error of the report; ``key`` is unused (LoftQ
     is deterministic).
 
@@ -586,7 +586,7 @@ def gptq_init(
                 frozen[name] = res.q
                 work[name] = res.w_hat.astype(layer[name].dtype)
                 losses[name] = float(res.loss)
-        x_q = run_block(work, x_q, model_config, None, 1.0, layer_idx=i)
+        x_q = run_block(work, x_q, model_config, None, layer_idx=i)
         frozen_layers.append(frozen)
         extras.append({"gptq_loss": losses})
     frozen_params = dict(params)

@@ -18,11 +18,10 @@ Every method has the same signature and returns the same type::
   quantized linear (:data:`QUANT_TARGETS`, i.e. all seven linears of every layer)
   replaced by a :class:`~apiq_jax.quant.QuantizedTensor`; embeddings, norms and head are
   unchanged (shared, not copied).
-* ``CalibrationResult.lora`` is the LoRA tree ``{"layers": [{name: {"a": [in, r],
-  "b": [r, out]}}]}`` over ``lora_config.targets``; the model computes
-  ``x @ W_hat.T + (alpha / r) * (x @ a) @ b``. Feed both to
-  :func:`apiq_jax.models.quantized.apply` / :func:`apiq_jax.models.llama.forward`
-  with ``lora_scale=lora_config.scale``.
+* ``CalibrationResult.lora`` is a :class:`~apiq_jax.lora.Lora` (factors
+  ``{"layers": [{name: {"a": [in, r], "b": [r, out]}}]}`` over ``lora_config.targets``,
+  carrying ``lora_config``); the model computes ``x @ W_hat.T + lora.scale * (x @ a) @ b``.
+  Feed both to :func:`apiq_jax.models.quantized.apply` / :func:`apiq_jax.models.llama.forward`.
 * ``CalibrationResult.report`` is a :class:`CalibrationReport` (JSON-able via
   ``to_dict``/``save_json``, optional PNG via ``save_plot``).
 
@@ -44,7 +43,7 @@ A baseline typically does::
     t = Stopwatch()
     frozen = freeze_params(params, quant_config)
     lora = init_lora(params, lora_config, key)
-    errs = block_errors(params, frozen, lora, ids, model_config, lora_config.scale)
+    errs = block_errors(params, frozen, lora, ids, model_config)
     report = CalibrationReport.build("rtn", quant_config, lora_config, ids.shape,
                                      blocks=[BlockReport(i, error_after=e) for i, e in enumerate(errs)],
                                      seconds=t.elapsed())
@@ -70,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apiq_jax.evaluate import activation_errors, relative_error
-from apiq_jax.lora import LoraConfig
+from apiq_jax.lora import Lora, LoraConfig
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import LINEARS, block_forward, embed, is_quantized, linear_shapes
 from apiq_jax.models.quantized import quantize_params
@@ -268,17 +267,15 @@ class CalibrationResult:
 
     Attributes:
       params: the frozen model params: quantized linears are QuantizedTensor leaves.
-      lora: the LoRA tree (``lora_config.targets`` of every layer).
+      lora: the :class:`~apiq_jax.lora.Lora` (``lora_config.targets`` of every layer).
       report: the :class:`CalibrationReport`.
-      lora_scale: ``alpha / r`` to pass as ``lora_scale`` to the forward.
       extras: optional method-specific arrays (ApiQ: the learned clipping logits as
         ``{"clip": {"layers": [{name: (gamma, beta)}]}}``); empty by default.
     """
 
     params: Mapping[str, Any]
-    lora: Mapping[str, Any]
+    lora: Lora
     report: CalibrationReport
-    lora_scale: float = 1.0
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -420,19 +417,18 @@ def run_block(
     layer_params: Mapping[str, Any],
     xs: jnp.ndarray,
     config: ModelConfig,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
     layer_idx: int | None = None,
 ) -> jnp.ndarray:
     """Apply one decoder block to every sample of ``xs [n, seqlen, D]`` (batch 1 each, one program).
 
-    Linear leaves may be dense arrays or QuantizedTensors; ``lora`` is that layer's LoRA
-    dict (or None).
+    Linear leaves may be dense arrays or QuantizedTensors; ``lora`` is that layer's
+    :class:`~apiq_jax.lora.Lora` (or None).
     """
 
     def one(x: jnp.ndarray) -> jnp.ndarray:
         return block_forward(
-            layer_params, x[None], config, lora=lora, lora_scale=lora_scale, layer_idx=layer_idx
+            layer_params, x[None], config, lora=lora, layer_idx=layer_idx
         )[0]
 
     return jax.lax.map(one, xs)
@@ -441,10 +437,9 @@ def run_block(
 def block_errors(
     fp_params: Mapping[str, Any],
     q_params: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     ids: Any,
     config: ModelConfig,
-    lora_scale: float = 1.0,
 ) -> list[float]:
     """Per-block relative activation error of a quantized model on ``ids``.
 
@@ -453,7 +448,7 @@ def block_errors(
     ``||x_fp_i - x_q_i||^2 / ||x_fp_i||^2`` over all samples
     (:func:`apiq_jax.evaluate.activation_errors`).
     """
-    return activation_errors(fp_params, q_params, ids, config=config, lora=lora, lora_scale=lora_scale)
+    return activation_errors(fp_params, q_params, ids, config=config, lora=lora)
 
 
 # --- resources -------------------------------------------------------------------------------

@@ -13,9 +13,13 @@ names::
      "lm_head": [V, D]}                            (absent when embeddings are tied)
 
 A linear leaf ``W`` is a dense ``[out, in]`` array or an
-:class:`apiq_jax.quant.QuantizedTensor` quantized from it (groups along ``in``). A LoRA
-tree mirrors it: ``{"layers": [{"q_proj": {"a": [in, r], "b": [r, out]}, ...}, ...]}`` and
-a targeted linear computes ``y = x @ W.T + scale * (x @ a) @ b``.
+:class:`apiq_jax.quant.QuantizedTensor` quantized from it (groups along ``in``). A
+:class:`apiq_jax.lora.Lora` mirrors it (``{"layers": [{"q_proj": {"a": [in, r], "b": [r, out]},
+...}, ...]}`` with its rank and alpha as static metadata) and a targeted linear computes
+``y = x @ W.T + lora.scale * (x @ a) @ b``.
+
+``backend`` (static) picks the low-bit matmul of quantized linears
+(:func:`apiq_jax.qmatmul.qmatmul`): None means :func:`apiq_jax.qmatmul.default_backend`.
 
 The functions here are the single implementation of the math; :class:`LlamaForCausalLM`
 (Flax NNX) and the calibration code call them.
@@ -31,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.qmatmul import qmatmul
+from apiq_jax.qmatmul import default_backend, qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
-from pallas_kernels import PreparedWeights
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -42,9 +46,6 @@ LINEARS = ATTN_LINEARS + MLP_LINEARS
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 Params = dict[str, Any]
-LayerLora = Mapping[str, Mapping[str, jnp.ndarray]]
-
-
 
 def is_quantized(w: Any) -> bool:
     """True for a :class:`QuantizedTensor` leaf."""
@@ -196,28 +197,36 @@ def _dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 def linear(
     x: jnp.ndarray,
     w: Any,
-    lora_ab: Mapping[str, jnp.ndarray] | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
     *,
     bias: jnp.ndarray | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
-    """``x @ W^T (+ bias) + lora_scale * (x @ a) @ b``.
+    """``x @ W^T (+ bias) + lora.scale * (x @ a) @ b``.
 
-    ``w`` is a dense ``[out, in]`` array, a QuantizedTensor or its kernel layout from
-    :func:`apiq_jax.qmatmul.prepare_params` (both routed to :func:`apiq_jax.qmatmul.qmatmul`:
-    Pallas kernels on GPU/TPU, fused XLA dequant-matmul on CPU). The result has ``x``'s dtype.
+    Args:
+      x: activations ``[..., in]``.
+      w: a dense ``[out, in]`` array or a QuantizedTensor (storage or kernel layout; routed
+        to :func:`apiq_jax.qmatmul.qmatmul`: Pallas kernels on GPU/TPU, fused XLA
+        dequant-matmul on CPU).
+      lora: the linear's one-linear :class:`~apiq_jax.lora.Lora`, or None.
+      bias: optional ``[out]`` bias.
+      backend: qmatmul backend for a quantized ``w`` (None: the default).
+
+    Returns:
+      ``[..., out]`` in ``x``'s dtype.
     """
-    if isinstance(w, (QuantizedTensor, PreparedWeights)):
+    if isinstance(w, QuantizedTensor):
         lead = x.shape[:-1]
-        y = qmatmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype).reshape(*lead, w.shape[0])
+        y = qmatmul(x.reshape(-1, x.shape[-1]), w, backend=backend).astype(x.dtype).reshape(*lead, w.shape[0])
     else:
         y = _dense_matmul(x, w)
     if bias is not None:
         y = y + bias.astype(y.dtype)
-    if lora_ab is not None:
-        a = lora_ab["a"].astype(x.dtype)
-        b = lora_ab["b"].astype(x.dtype)
-        y = y + (lora_scale * ((x @ a) @ b)).astype(y.dtype)
+    if lora is not None:
+        a = lora.a.astype(x.dtype)
+        b = lora.b.astype(x.dtype)
+        y = y + (lora.scale * ((x @ a) @ b)).astype(y.dtype)
     return y
 
 
@@ -258,7 +267,7 @@ def attention_mask_matrix(
     return allowed
 
 
-def _lora_for(lora: LayerLora | None, name: str) -> Mapping[str, jnp.ndarray] | None:
+def _lora_for(lora: Lora | None, name: str) -> Lora | None:
     return None if lora is None else lora.get(name)
 
 
@@ -279,16 +288,29 @@ def attention(
     cos: jnp.ndarray,
     sin: jnp.ndarray,
     mask: jnp.ndarray,
-    lora: LayerLora | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
-    """Grouped-query self-attention of one layer on normalised input ``x [b, s, D]``."""
+    """Grouped-query self-attention of one layer on normalised input ``x [b, s, D]``.
+
+    Args:
+      layer_params: that layer's dict.
+      x: normalised hidden states ``[b, s, D]``.
+      config: the model config.
+      cos, sin: RoPE tables ``[b, s, head_dim]``.
+      mask: boolean ``[b or 1, s, s]`` (True where a query may attend to a key).
+      lora: that layer's :class:`~apiq_jax.lora.Lora` or None.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      The attention block's output ``[b, s, D]`` (after o_proj).
+    """
     p = layer_params
     b, s, _ = x.shape
     h, kvh, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     def proj(name: str) -> jnp.ndarray:
-        return linear(x, p[name], _lora_for(lora, name), lora_scale, bias=p.get(f"{name}_bias"))
+        return linear(x, p[name], _lora_for(lora, name), bias=p.get(f"{name}_bias"), backend=backend)
 
     q = apply_rope(proj("q_proj").reshape(b, s, h, hd), cos, sin)
     k = apply_rope(proj("k_proj").reshape(b, s, kvh, hd), cos, sin)
@@ -300,21 +322,21 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
     out = out.reshape(b, s, h * hd)
-    return linear(out, p["o_proj"], _lora_for(lora, "o_proj"), lora_scale, bias=p.get("o_proj_bias"))
+    return linear(out, p["o_proj"], _lora_for(lora, "o_proj"), bias=p.get("o_proj_bias"), backend=backend)
 
 
 def mlp(
     layer_params: Mapping[str, Any],
     x: jnp.ndarray,
     *,
-    lora: LayerLora | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of one layer; ``lora``: that layer's Lora or None."""
     p = layer_params
 
     def proj(name: str, inp: jnp.ndarray) -> jnp.ndarray:
-        return linear(inp, p[name], _lora_for(lora, name), lora_scale, bias=p.get(f"{name}_bias"))
+        return linear(inp, p[name], _lora_for(lora, name), bias=p.get(f"{name}_bias"), backend=backend)
 
     return proj("down_proj", jax.nn.silu(proj("gate_proj", x)) * proj("up_proj", x))
 
@@ -333,11 +355,11 @@ def block_forward(
     x: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora: LayerLora | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
     positions: jnp.ndarray | None = None,
     attention_mask: jnp.ndarray | None = None,
     layer_idx: int | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """One decoder layer: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``.
 
@@ -345,41 +367,48 @@ def block_forward(
       layer_params: that layer's dict (linear leaves dense or QuantizedTensor).
       x: hidden states ``[b, s, D]``.
       config: the model config (static).
-      lora: that layer's LoRA dict ``{"q_proj": {"a", "b"}, ...}`` or None.
-      lora_scale: ``alpha / r``.
+      lora: that layer's :class:`~apiq_jax.lora.Lora` (``lora["layers"][i]``) or None.
       positions: int positions ``[b, s]`` or ``[s]``; default ``arange(s)``.
       attention_mask: ``[b, s]`` with 1 for real tokens and 0 for padding (keys that are
         padding are never attended to), or None.
       layer_idx: needed only for configs that mix full and sliding-window layers.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      The block's output hidden states ``[b, s, D]``.
     """
     b, s, _ = x.shape
     pos = _check_positions(positions, b, s)
     cos, sin = rope_cos_sin(pos, config, x.dtype)
     mask = attention_mask_matrix(s, attention_mask, config.attention_window(layer_idx))
-    return _block(layer_params, x, config, lora, lora_scale, cos, sin, mask)
+    return _block(layer_params, x, config, lora, cos, sin, mask, backend)
 
 
-def _block(p, x, config, lora, lora_scale, cos, sin, mask):
+def _block(p, x, config, lora, cos, sin, mask, backend):
     h = rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
-    x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, lora_scale=lora_scale)
+    x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, backend=backend)
     h = rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
-    return x + mlp(p, h, lora=lora, lora_scale=lora_scale)
+    return x + mlp(p, h, lora=lora, backend=backend)
 
 
-def final_logits(params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
+def final_logits(
+    params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig, *, backend: str | None = None
+) -> jnp.ndarray:
     """Final RMSNorm and output head (the embedding matrix when tied): ``[b, s, V]``."""
     h = rms_norm(x, params["norm"], config.rms_norm_eps)
     head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    return linear(h, head)
+    return linear(h, head, backend=backend)
 
 
-def _layer_lora(lora: Mapping[str, Any] | None, i: int) -> LayerLora | None:
+def _layer_lora(lora: Lora | None, i: int) -> Lora | None:
     if lora is None:
         return None
+    if not isinstance(lora, Lora):
+        raise ValueError(f"lora must be an apiq_jax.lora.Lora or None, got {type(lora).__name__}")
     return lora["layers"][i]
 
 
-def _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, collect):
+def _run_blocks(params, lora, x, config, positions, attention_mask, collect, backend):
     b, s, _ = x.shape
     pos = _check_positions(positions, b, s)
     cos, sin = rope_cos_sin(pos, config, x.dtype)
@@ -389,7 +418,7 @@ def _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, 
         window = config.attention_window(i)
         if window not in masks:
             masks[window] = attention_mask_matrix(s, attention_mask, window)
-        x = _block(layer, x, config, _layer_lora(lora, i), lora_scale, cos, sin, masks[window])
+        x = _block(layer, x, config, _layer_lora(lora, i), cos, sin, masks[window], backend)
         if collect:
             outs.append(x)
     return x, outs
@@ -397,42 +426,50 @@ def _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, 
 
 def forward(
     params: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     ids: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora_scale: float | jnp.ndarray = 1.0,
     attention_mask: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` of int ids ``[b, s]``.
 
-    ``lora`` is ``{"layers": [per-layer LoRA dict, ...]}`` or None; ``attention_mask``
-    ``[b, s]`` marks real tokens (1) vs padding (0). Positions default to ``arange(s)``
-    (as transformers does without explicit ``position_ids``).
+    Args:
+      params: the model params (dense or frozen).
+      lora: the model's :class:`~apiq_jax.lora.Lora` or None.
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      positions: int positions; default ``arange(s)`` (as transformers without ``position_ids``).
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      Logits ``[b, s, vocab]`` in the params' dtype.
     """
     x = embed(params, ids, config)
-    return forward_embeddings(params, lora, x, config, lora_scale=lora_scale, attention_mask=attention_mask,
-                              positions=positions)
+    return forward_embeddings(params, lora, x, config, attention_mask=attention_mask, positions=positions,
+                              backend=backend)
 
 
 def forward_embeddings(
     params: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     x: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora_scale: float | jnp.ndarray = 1.0,
     attention_mask: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` from input embeddings ``x [b, s, D]`` instead of ids.
 
     The entry point for methods that edit the input sequence (prompt tuning prepends
-    learned vectors); otherwise identical to :func:`forward`.
+    learned vectors); otherwise identical to :func:`forward` (same arguments).
     """
-    x, _ = _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, False)
-    return final_logits(params, x, config)
+    x, _ = _run_blocks(params, lora, x, config, positions, attention_mask, False, backend)
+    return final_logits(params, x, config, backend=backend)
 
 
 def block_outputs(
@@ -440,20 +477,19 @@ def block_outputs(
     ids: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora: Mapping[str, Any] | None = None,
-    lora_scale: float | jnp.ndarray = 1.0,
+    lora: Lora | None = None,
     attention_mask: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
+    backend: str | None = None,
 ) -> list[jnp.ndarray]:
     """Output hidden states ``[b, s, D]`` of every decoder block, in order (before the final norm)."""
     x = embed(params, ids, config)
-    _, outs = _run_blocks(params, lora, x, config, lora_scale, positions, attention_mask, True)
+    _, outs = _run_blocks(params, lora, x, config, positions, attention_mask, True, backend)
     return outs
 
 
-forward_jit = jax.jit(forward, static_argnames=("config",))
-forward_jit.__doc__ = "``jax.jit`` of :func:`forward` (``config`` static)."
-block_outputs_jit = jax.jit(block_outputs, static_argnames=("config",))
+_forward_jit = jax.jit(forward, static_argnames=("config", "backend"))
+_block_outputs_jit = jax.jit(block_outputs, static_argnames=("config", "backend"))
 
 
 # --- Flax NNX facade ----------------------------------------------------------------------
@@ -522,12 +558,13 @@ class LlamaForCausalLM(nnx.Module):
         ids: jnp.ndarray,
         *,
         attention_mask: jnp.ndarray | None = None,
-        lora: Mapping[str, Any] | None = None,
-        lora_scale: float = 1.0,
+        lora: Lora | None = None,
+        backend: str | None = None,
     ) -> jnp.ndarray:
+        """Logits ``[batch, seq, vocab]`` of int ids (see :func:`forward` for the arguments)."""
         ids = validate_ids(ids, self.config.vocab_size)
-        return forward_jit(
-            self.params, lora, ids, self.config, lora_scale=lora_scale, attention_mask=attention_mask
+        return _forward_jit(
+            self.params, lora, ids, self.config, attention_mask=attention_mask, backend=backend or default_backend()
         )
 
 
@@ -551,7 +588,7 @@ def validate_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
 
 __all__: Sequence[str] = [
     "LINEARS", "LlamaForCausalLM", "QuantizedWeight", "apply_rope", "attention", "block_forward",
-    "block_outputs", "block_outputs_jit", "check_params", "embed", "final_logits", "flatten_params",
-    "forward", "forward_jit", "init_params", "layer_param_shapes", "linear", "linear_shapes", "mlp",
+    "block_outputs", "check_params", "embed", "final_logits", "flatten_params",
+    "forward", "init_params", "layer_param_shapes", "linear", "linear_shapes", "mlp",
     "param_shapes", "rms_norm", "rope_cos_sin", "unflatten_params", "validate_ids",
 ]

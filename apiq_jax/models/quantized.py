@@ -15,9 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from apiq_jax.lora import ALL_TARGETS, LoraConfig, init_lora, lora_from_factors, normalize_targets
+from apiq_jax.lora import ALL_TARGETS, Lora, LoraConfig, init_lora, lora_from_factors, normalize_targets
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import Params, forward, is_quantized
+from apiq_jax.qmatmul import default_backend
 from apiq_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 DEFAULT_TARGETS = ALL_TARGETS
@@ -81,7 +82,7 @@ def quantize_model(
     init: str = "qlora",
     factors: Mapping[str, Any] | None = None,
     targets: str | Sequence[str] | None = None,
-) -> tuple[Params, dict[str, Any]]:
+) -> tuple[Params, Lora]:
     """``(frozen, lora)`` from dense params: RTN-quantize the targets and initialise LoRA.
 
     ``init="qlora"``: ``a`` kaiming-uniform (bound ``1/sqrt(in)``), ``b = 0`` (needs ``key``).
@@ -104,35 +105,60 @@ def quantize_model(
 
 def _apply(
     frozen: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     ids: jnp.ndarray,
     config: ModelConfig,
-    lora_scale: float | jnp.ndarray = 1.0,
-    attention_mask: jnp.ndarray | None = None,
+    attention_mask: jnp.ndarray | None,
+    backend: str,
 ) -> jnp.ndarray:
     frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-    return forward(frozen, lora, ids, config, lora_scale=lora_scale, attention_mask=attention_mask)
+    return forward(frozen, lora, ids, config, attention_mask=attention_mask, backend=backend)
 
 
-_apply_jit = jax.jit(_apply, static_argnames=("config",))
+_apply_jit = jax.jit(_apply, static_argnames=("config", "backend"))
 
 
 def apply(
     frozen: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     ids: jnp.ndarray,
     config: ModelConfig,
     *,
-    lora_scale: float | jnp.ndarray = 1.0,
     attention_mask: jnp.ndarray | None = None,
+    backend: str | None = None,
 ) -> jnp.ndarray:
     """Jitted logits ``[b, s, V]`` of the quantized model with LoRA.
 
-    Every targeted linear computes ``x @ W_hat.T + lora_scale * (x @ a) @ b``. ``frozen``
+    Every targeted linear computes ``x @ W_hat.T + lora.scale * (x @ a) @ b``. ``frozen``
     is wrapped in ``stop_gradient``: differentiate with respect to ``lora`` only, e.g.
-    ``jax.grad(lambda l: loss(apply(frozen, l, ids, cfg, lora_scale=s)))(lora)``.
+    ``jax.grad(lambda l: loss(apply(frozen, l, ids, cfg)))(lora)``.
+
+    Args:
+      frozen: params with QuantizedTensor linears (from :func:`quantize_model` or a calibration method).
+      lora: the model's :class:`~apiq_jax.lora.Lora`, or None.
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      backend: qmatmul backend ("auto", "pallas", "xla", "interpret"); None reads
+        ``$APIQ_QMATMUL_BACKEND`` (default "auto").
+
+    Returns:
+      Logits ``[b, s, vocab]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from apiq_jax import LoraConfig, ModelConfig, QuantConfig, quantize_model, apply
+      >>> from apiq_jax.models import init_params
+      >>> cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=64,
+      ...                   intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+      ...                   num_key_value_heads=2, head_dim=16)
+      >>> params = init_params(cfg, jax.random.key(0))
+      >>> frozen, lora = quantize_model(params, QuantConfig(bits=2, group_size=32), LoraConfig(rank=4),
+      ...                               key=jax.random.key(1))
+      >>> apply(frozen, lora, jnp.zeros((1, 5), jnp.int32), cfg).shape
+      (1, 5, 32)
     """
-    return _apply_jit(frozen, lora, ids, config, lora_scale, attention_mask)
+    return _apply_jit(frozen, lora, ids, config, attention_mask, backend or default_backend())
 
 
 def quantized_linear_names(frozen: Mapping[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apiq_jax.lora import LoraConfig
+from apiq_jax.lora import Lora, LoraConfig
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.hf_io import CONFIG_FILE, copy_tokenizer_files, load_hf_config
 from apiq_jax.models.llama import Params, check_params, flatten_params, unflatten_params
@@ -52,9 +52,8 @@ def _np(x: Any) -> np.ndarray:
 def save_quantized(
     out_dir: str | os.PathLike,
     frozen: Mapping[str, Any],
-    lora: Mapping[str, Any] | None,
+    lora: Lora | None,
     model_config: ModelConfig,
-    lora_config: LoraConfig | None,
     metadata: Mapping[str, Any] | None = None,
     *,
     tokenizer_source: str | os.PathLike | None = None,
@@ -65,17 +64,16 @@ def save_quantized(
     Args:
       out_dir: target directory.
       frozen: params pytree whose linears may be QuantizedTensor leaves.
-      lora: LoRA tree (``{"layers": [{name: {"a", "b"}}]}``) or None.
+      lora: the model's :class:`~apiq_jax.lora.Lora` (its config is saved with it) or None.
       model_config: the model's :class:`ModelConfig`.
-      lora_config: the :class:`LoraConfig` (None when ``lora`` is None).
       metadata: JSON-able dict stored verbatim (method, calibration settings, ...).
       tokenizer_source: directory whose tokenizer files are copied over.
       hf_config: transformers config to write (default: built from ``model_config``).
     Raises ValueError for params that do not fit ``model_config`` or non-JSON metadata.
     """
     check_params(frozen, model_config)
-    if (lora is None) != (lora_config is None):
-        raise ValueError("give both lora and lora_config, or neither")
+    if lora is not None and not isinstance(lora, Lora):
+        raise ValueError(f"lora must be an apiq_jax.lora.Lora or None, got {type(lora).__name__}")
     try:
         meta_json = json.loads(json.dumps(dict(metadata or {})))
     except TypeError as e:
@@ -92,7 +90,7 @@ def save_quantized(
             quantized[name] = leaf.metadata()
         else:
             tensors[name] = _np(leaf)
-    lora_tensors = {k: _np(v) for k, v in flatten_params(lora).items()} if lora is not None else {}
+    lora_tensors = {k: _np(v) for k, v in flatten_params(lora.factors).items()} if lora is not None else {}
 
     from safetensors.numpy import save_file
 
@@ -105,7 +103,7 @@ def save_quantized(
         "version": VERSION,
         "architecture": model_config.architecture,
         "quantized": quantized,
-        "lora_config": None if lora_config is None else lora_config.to_dict(),
+        "lora_config": None if lora is None else lora.config.to_dict(),
         "metadata": meta_json,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -128,12 +126,18 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def load_quantized(
     path: str | os.PathLike,
-) -> tuple[Params, dict[str, Any] | None, ModelConfig, LoraConfig | None, dict[str, Any]]:
+) -> tuple[Params, Lora | None, ModelConfig, dict[str, Any]]:
     """Read a directory written by :func:`save_quantized`.
 
-    Returns ``(frozen, lora, model_config, lora_config, metadata)``; ``lora`` and
-    ``lora_config`` are None when none was saved. Raises FileNotFoundError for missing
-    files and ValueError for inconsistent contents, naming the file and key.
+    Args:
+      path: the directory.
+
+    Returns:
+      ``(frozen, lora, model_config, metadata)``; ``lora`` (a :class:`~apiq_jax.lora.Lora`
+      carrying its config) is None when none was saved.
+
+    Raises FileNotFoundError for missing files and ValueError for inconsistent contents,
+    naming the file and key.
     """
     p = Path(path)
     if not p.is_dir():
@@ -173,16 +177,17 @@ def load_quantized(
     lora = None
     if lora_config is not None:
         lora_arrays = _read_safetensors(p / LORA_FILE)
-        lora = unflatten_params({k: jnp.asarray(v) for k, v in lora_arrays.items()})
-        n_layers = len(lora.get("layers", []))
+        factors = unflatten_params({k: jnp.asarray(v) for k, v in lora_arrays.items()})
+        n_layers = len(factors.get("layers", []))
         if n_layers != model_config.num_hidden_layers:
             raise ValueError(
                 f"{p / LORA_FILE}: LoRA for {n_layers} layers, model has {model_config.num_hidden_layers}"
             )
-        for i, layer in enumerate(lora["layers"]):
+        for i, layer in enumerate(factors["layers"]):
             if set(layer) != set(lora_config.targets):
                 raise ValueError(
                     f"{p / LORA_FILE}: layer {i} has LoRA for {sorted(layer)}, "
                     f"lora_config targets {list(lora_config.targets)}"
                 )
-    return frozen, lora, model_config, lora_config, dict(meta.get("metadata") or {})
+        lora = Lora(factors, lora_config)
+    return frozen, lora, model_config, dict(meta.get("metadata") or {})

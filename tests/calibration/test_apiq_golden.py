@@ -23,6 +23,7 @@ import pytest
 from apiq_jax.calibration import apiq_bw
 from apiq_jax.calibration.apiq import ApiQOptions, bw_block_loss, make_optimizer
 from apiq_jax.calibration.common import embed_ids, freeze_layer, run_block
+from apiq_jax.lora import Lora
 from apiq_jax.models.llama import forward
 from apiq_jax.quant import dequantize, fake_quantize, init_clip
 from tests.calibration.golden_helpers import (
@@ -68,7 +69,7 @@ def _init_train(G, i):
     layer = G["params"]["layers"][i]
     return {
         "clip": {n: dict(zip(("gamma", "beta"), init_clip(layer[n].shape, G["qcfg"], 4.0))) for n in NAMES},
-        "lora": G["lora0"]["layers"][i],
+        "lora": Lora(G["lora0"]["layers"][i], G["lcfg"]),
     }
 
 
@@ -98,7 +99,7 @@ def test_block_inputs_and_targets(golden):
         qlayer = dict(layer)
         for n in NAMES:
             qlayer[n] = fake_quantize(layer[n], qcfg, clip=(train["clip"][n]["gamma"], train["clip"][n]["beta"]))
-        out = run_block(qlayer, q_in[:1], cfg, train["lora"], G["lcfg"].scale)[0]
+        out = run_block(qlayer, q_in[:1], cfg, train["lora"])[0]
         np.testing.assert_allclose(np.asarray(out), g[f"block{i}/quant_out_step0"], rtol=0, atol=2e-6)
 
 
@@ -109,8 +110,8 @@ def test_propagation_uses_quantized_weights_and_trained_lora(golden):
     layer = G["params"]["layers"][0]
     clips = {n: tuple(map(jnp.asarray, golden_logits(g, "final", 0, n, layer[n].shape[0]))) for n in NAMES}
     frozen = freeze_layer(layer, G["qcfg"], clips)
-    lora = jax.tree.map(jnp.asarray, golden_lora(g, cfg, "final")["layers"][0])
-    out = run_block(frozen, jnp.asarray(g["block0/quant_in"]), cfg, lora, G["lcfg"].scale)
+    lora = Lora(jax.tree.map(jnp.asarray, golden_lora(g, cfg, "final")["layers"][0]), G["lcfg"])
+    out = run_block(frozen, jnp.asarray(g["block0/quant_in"]), cfg, lora)
     np.testing.assert_allclose(np.asarray(out), g["block1/quant_in"], rtol=0, atol=2e-6)
     without_lora = run_block(frozen, jnp.asarray(g["block0/quant_in"]), cfg)
     assert np.abs(np.asarray(without_lora) - g["block1/quant_in"]).max() > 1e-3
@@ -126,7 +127,7 @@ def test_step0_loss_and_gradients(golden, block):
     t1 = jnp.asarray(g[f"block{block}/fp_target"][:1])
     t2 = jnp.asarray(g[f"block{block}/fp2_target"][:1])
     (loss, terms), grads = jax.value_and_grad(bw_block_loss, has_aux=True)(
-        train, layer, x, t1, t2, cfg, G["qcfg"], G["lcfg"].scale)
+        train, layer, x, t1, t2, cfg, G["qcfg"])
     np.testing.assert_allclose(float(loss), g["loss"][block, 0, 0], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(terms), g["loss_terms"][block, 0, 0], rtol=1e-5)
     for n in NAMES:
@@ -156,7 +157,7 @@ def test_one_adamw_step_matches_torch(golden):
     train = _init_train(G, 0)
     layer = G["params"]["layers"][0]
     args = (jnp.asarray(g["block0/quant_in"][:1]), jnp.asarray(g["block0/fp_target"][:1]),
-            jnp.asarray(g["block0/fp2_target"][:1]), cfg, G["qcfg"], G["lcfg"].scale)
+            jnp.asarray(g["block0/fp2_target"][:1]), cfg, G["qcfg"])
     opt = make_optimizer(G["opts"])
     state = opt.init(train)
     ours = train
@@ -238,7 +239,7 @@ def test_full_run_final_logits(golden, run):
     G = golden
     g = G["g"]
     ids = jnp.asarray(g["calib_ids"])
-    logits = np.asarray(forward(run.params, run.lora, ids, G["cfg"], lora_scale=run.lora_scale))
+    logits = np.asarray(forward(run.params, run.lora, ids, G["cfg"]))
     err = np.abs(logits - g["final_logits"]).max()
     assert err < 1e-3, err
     no_lora = np.asarray(forward(run.params, None, ids, G["cfg"]))

@@ -17,6 +17,7 @@ import pytest
 
 from apiq_jax.calibration import METHODS, CalibrationReport, apiq_bw, apiq_lw
 from apiq_jax.calibration.apiq import LW_STAGES, ApiQOptions, _lw_loss, lw_stage_inputs, train_block_bw
+from apiq_jax.lora import Lora, LoraConfig
 from apiq_jax.models.llama import block_forward, linear
 from apiq_jax.quant import QuantConfig, fake_quantize, init_clip
 from tests.calibration import resume_worker as W
@@ -133,17 +134,19 @@ def test_lw_stage_loss_is_sum_of_per_linear_losses():
     xq = x + 0.1 * jax.random.normal(k[1], x.shape)
     names = LW_STAGES[0]
     train = {"clip": {}, "lora": {}}
+    lcfg = LoraConfig(rank=4, alpha=8.0)  # scale 2
     for j, n in enumerate(names):
         g, b = init_clip(layer[n].shape, W.QCFG, 3.0)
         train["clip"][n] = {"gamma": g + 0.1 * j, "beta": b}
         out_f, in_f = layer[n].shape
         train["lora"][n] = {"a": 0.1 * jax.random.normal(k[2 + j], (in_f, 4)),
                             "b": 0.1 * jax.random.normal(k[5 + j], (4, out_f))}
-    got = _lw_loss(train, layer, x, xq, names, names, W.QCFG, 2.0)
+    train["lora"] = Lora(train["lora"], lcfg)
+    got = _lw_loss(train, layer, x, xq, names, names, W.QCFG)
     want = 0.0
     for n in names:
         q = fake_quantize(layer[n], W.QCFG, clip=(train["clip"][n]["gamma"], train["clip"][n]["beta"]))
-        y = linear(xq, q, train["lora"][n], 2.0)
+        y = linear(xq, q, train["lora"][n])
         want += float(jnp.mean((linear(x, layer[n]) - y) ** 2))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 

@@ -62,7 +62,9 @@ def test_loftq_matches_golden(golden, bits, num_iter):
     np.testing.assert_array_equal(q, iter_q[-1])  # the stored tensor is the last Q_t
     ref_a, ref_b = golden[k + "/lora_A"], golden[k + "/lora_B"]
     ba = np.asarray(res.a @ res.b).T
-    np.testing.assert_allclose(ba, ref_b @ ref_a, rtol=0, atol=1e-5 * np.abs(ref_b @ ref_a).max())
+    # float32 truncated SVD: its rounding depends on the CPU's LAPACK kernels (worst element
+    # measured 1.3e-5 of the max on this project's 2-core x86 machines, under 1e-5 elsewhere)
+    np.testing.assert_allclose(ba, ref_b @ ref_a, rtol=0, atol=2e-5 * np.abs(ref_b @ ref_a).max())
     # factors individually, up to one sign per rank component (singular vectors of nearly
     # equal singular values are ill-conditioned, hence the looser bound)
     a, b = np.asarray(res.a).T, np.asarray(res.b).T  # peft layout: A [r, in], B [out, r]
@@ -208,7 +210,7 @@ LCFG = LoraConfig(rank=4, alpha=8.0)
 def _check_result(res: CalibrationResult, cfg: ModelConfig, params, method: str) -> None:
     assert isinstance(res, CalibrationResult)
     assert res.report.method == method
-    assert res.lora_scale == pytest.approx(LCFG.scale)
+    assert res.lora.scale == pytest.approx(LCFG.scale) and res.lora.config == LCFG
     assert len(res.report.blocks) == cfg.num_hidden_layers
     for i, layer in enumerate(res.params["layers"]):
         for name in LINEARS:
@@ -237,7 +239,7 @@ def test_rtn_and_qlora_init(tiny, fn, name, scheme):
                 np.asarray(fake_quantize(params["layers"][i][nm], qcfg)),
             )
     # with b = 0 the model is the plain RTN model
-    logits = forward(res.params, res.lora, jnp.asarray(ids), cfg, lora_scale=res.lora_scale)
+    logits = forward(res.params, res.lora, jnp.asarray(ids), cfg)
     plain = forward(res.params, None, jnp.asarray(ids), cfg)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), rtol=0, atol=1e-6)
 

@@ -16,7 +16,6 @@ from apiq_jax.models import (
     dequantize_params,
     embed,
     forward,
-    forward_jit,
     init_params,
     load_pretrained,
     quantize_model,
@@ -30,6 +29,7 @@ from tests.conftest import require_shared
 CFG = ModelConfig("LlamaForCausalLM", 96, 64, 172, 2, 4, 2, 16, tie_word_embeddings=False)
 QCFG = QuantConfig(bits=2, group_size=64)
 LCFG = LoraConfig(rank=8, alpha=16)
+_forward_jit = jax.jit(forward, static_argnames="config")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def setup():
 
 def _nonzero_b(lora, seed=2):
     keys = iter(jax.random.split(jax.random.key(seed), 100))
-    return jax.tree.map(lambda x: x, {
+    return lora.replace({
         "layers": [
             {n: {"a": ab["a"], "b": 0.05 * jax.random.normal(next(keys), ab["b"].shape)} for n, ab in layer.items()}
             for layer in lora["layers"]
@@ -73,25 +73,25 @@ def test_frozen_holds_integer_codes_and_untouched_dense_leaves(setup):
 
 def test_b_zero_equals_dequantized_dense_model(setup):
     params, frozen, lora, ids = setup
-    q = apply(frozen, lora, ids, CFG, lora_scale=LCFG.scale)
-    dense = forward_jit(dequantize_params(frozen), None, ids, CFG)
+    q = apply(frozen, lora, ids, CFG)
+    dense = _forward_jit(dequantize_params(frozen), None, ids, CFG)
     np.testing.assert_allclose(np.asarray(q), np.asarray(dense), atol=1e-5)
-    full = forward_jit(params, None, ids, CFG)
+    full = _forward_jit(params, None, ids, CFG)
     assert np.abs(np.asarray(q) - np.asarray(full)).max() > 1e-2  # 2-bit rounding is visible
 
 
 def test_nonzero_lora_equals_merged_dense_weights(setup):
     _, frozen, lora, ids = setup
     lora = _nonzero_b(lora)
-    q = apply(frozen, lora, ids, CFG, lora_scale=LCFG.scale)
-    merged = forward_jit(merge_lora(frozen, lora, LCFG), None, ids, CFG)
+    q = apply(frozen, lora, ids, CFG)
+    merged = _forward_jit(merge_lora(frozen, lora), None, ids, CFG)
     np.testing.assert_allclose(np.asarray(q), np.asarray(merged), atol=1e-4)
     without = apply(frozen, None, ids, CFG)
     assert np.abs(np.asarray(q) - np.asarray(without)).max() > 1e-3
 
 
 def _loss(frozen, lora, ids):
-    logits = apply(frozen, lora, ids, CFG, lora_scale=LCFG.scale)
+    logits = apply(frozen, lora, ids, CFG)
     return -jnp.mean(jax.nn.log_softmax(logits[:, :-1])[..., 0])
 
 
@@ -134,7 +134,7 @@ def test_targets_are_configurable(setup):
     lora = init_lora(frozen, lcfg, jax.random.key(0))
     assert set(lora["layers"][1]) == {"q_proj", "v_proj"}
     np.testing.assert_allclose(
-        apply(frozen, lora, ids, CFG, lora_scale=lcfg.scale),
+        apply(frozen, lora, ids, CFG),
         forward(dequantize_params(frozen), None, ids, CFG), atol=1e-5,
     )
     with pytest.raises(ValueError, match="unknown LoRA/quantization target 'qkv'"):
@@ -161,8 +161,8 @@ def test_block_forward_accepts_quantized_leaves_and_lora(setup):
     _, frozen, lora, ids = setup
     lora = _nonzero_b(lora, seed=5)
     x = embed(frozen, ids, CFG)
-    y_q = jax.jit(block_forward, static_argnames="config")(frozen["layers"][0], x, CFG, lora=lora["layers"][0], lora_scale=LCFG.scale)
-    dense = merge_lora(frozen, lora, LCFG)
+    y_q = jax.jit(block_forward, static_argnames="config")(frozen["layers"][0], x, CFG, lora=lora["layers"][0])
+    dense = merge_lora(frozen, lora)
     y_d = jax.jit(block_forward, static_argnames="config")(dense["layers"][0], x, CFG)
     np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_d), atol=1e-5)
 
@@ -200,8 +200,8 @@ def test_stories260k_quantized_group_padding():
         frozen, lora = quantize_model(model.params, QuantConfig(bits=bits, group_size=64), LCFG,
                                       key=jax.random.key(0))
         assert frozen["layers"][0]["down_proj"].n_groups == 3
-        q = np.asarray(apply(frozen, lora, ids, model.config, lora_scale=LCFG.scale))
-        np.testing.assert_allclose(q, np.asarray(forward_jit(dequantize_params(frozen), None, ids, model.config)),
+        q = np.asarray(apply(frozen, lora, ids, model.config))
+        np.testing.assert_allclose(q, np.asarray(_forward_jit(dequantize_params(frozen), None, ids, model.config)),
                                    atol=1e-4)
         errs[bits] = np.abs(q - ref).mean()
     assert errs[4] < errs[2] / 3

@@ -55,18 +55,18 @@ def _leaves_equal(a, b):
 def test_roundtrip_is_exact(tmp_path, qcfg):
     frozen, lora = _build(qcfg)
     meta = {"method": "rtn", "calib": {"samples": 0}}
-    out = save_quantized(tmp_path / "q", frozen, lora, CFG, LCFG, meta)
+    out = save_quantized(tmp_path / "q", frozen, lora, CFG, meta)
     assert is_quantized_dir(out)
-    f2, l2, cfg2, lcfg2, meta2 = load_quantized(out)
-    assert cfg2 == CFG and lcfg2 == LCFG and meta2 == meta
+    f2, l2, cfg2, meta2 = load_quantized(out)
+    assert cfg2 == CFG and l2.config == LCFG and meta2 == meta
     _leaves_equal(frozen, f2)
     _leaves_equal(lora, l2)
     qt = f2["layers"][1]["down_proj"]
     assert isinstance(qt, QuantizedTensor) and qt.config == qcfg and qt.shape == (64, 100)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 80, (2, 7)), jnp.int32)
     np.testing.assert_array_equal(
-        np.asarray(apply(frozen, lora, ids, CFG, lora_scale=LCFG.scale)),
-        np.asarray(apply(f2, l2, ids, cfg2, lora_scale=lcfg2.scale)),
+        np.asarray(apply(frozen, lora, ids, CFG)),
+        np.asarray(apply(f2, l2, ids, cfg2)),
     )
 
 
@@ -74,7 +74,7 @@ def test_files_and_packed_codes_on_disk(tmp_path):
     from safetensors import safe_open
 
     frozen, lora = _build(QuantConfig(bits=2, group_size=64))
-    out = save_quantized(tmp_path / "q", frozen, lora, CFG, LCFG, {"note": "x"})
+    out = save_quantized(tmp_path / "q", frozen, lora, CFG, {"note": "x"})
     assert {p.name for p in out.iterdir()} == {"config.json", FROZEN_FILE, LORA_FILE, META_FILE}
     with safe_open(str(out / FROZEN_FILE), framework="numpy") as f:
         keys = set(f.keys())
@@ -102,27 +102,27 @@ def test_tokenizer_files_are_copied(tmp_path):
     (src / "tokenizer.json").write_text("{}")
     (src / "tokenizer_config.json").write_text("{}")
     frozen, lora = _build(QuantConfig(bits=2, group_size=64))
-    out = save_quantized(tmp_path / "q", frozen, lora, CFG, LCFG, {}, tokenizer_source=src)
+    out = save_quantized(tmp_path / "q", frozen, lora, CFG, {}, tokenizer_source=src)
     assert (out / "tokenizer.json").read_text() == "{}" and (out / "tokenizer_config.json").is_file()
 
 
 def test_without_lora(tmp_path):
     frozen, _ = _build(QuantConfig(bits=2, group_size=64))
-    out = save_quantized(tmp_path / "q", frozen, None, CFG, None, {})
-    f2, l2, _, lcfg2, _ = load_quantized(out)
-    assert l2 is None and lcfg2 is None
+    out = save_quantized(tmp_path / "q", frozen, None, CFG, {})
+    f2, l2, _, _ = load_quantized(out)
+    assert l2 is None
     _leaves_equal(frozen, f2)
 
 
 def test_errors(tmp_path):
     frozen, lora = _build(QuantConfig(bits=2, group_size=64))
-    with pytest.raises(ValueError, match="both lora and lora_config"):
-        save_quantized(tmp_path / "a", frozen, lora, CFG, None, {})
+    with pytest.raises(ValueError, match="lora must be an apiq_jax.lora.Lora or None, got dict"):
+        save_quantized(tmp_path / "a", frozen, dict(lora.factors), CFG, {})
     with pytest.raises(ValueError, match="JSON"):
-        save_quantized(tmp_path / "b", frozen, lora, CFG, LCFG, {"x": object()})
+        save_quantized(tmp_path / "b", frozen, lora, CFG, {"x": object()})
     other = ModelConfig("Qwen2ForCausalLM", 80, 64, 100, 3, 4, 2, 16, qkv_bias=True, tie_word_embeddings=True)
     with pytest.raises(ValueError, match="missing"):
-        save_quantized(tmp_path / "c", frozen, lora, other, LCFG, {})
+        save_quantized(tmp_path / "c", frozen, lora, other, {})
 
     with pytest.raises(FileNotFoundError, match="not found"):
         load_quantized(tmp_path / "nope")
@@ -130,7 +130,7 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="apiq_meta.json not found"):
         load_quantized(tmp_path / "plain")
 
-    out = save_quantized(tmp_path / "q", frozen, lora, CFG, LCFG, {})
+    out = save_quantized(tmp_path / "q", frozen, lora, CFG, {})
     meta = json.loads((out / META_FILE).read_text())
     (out / META_FILE).write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ValueError, match="version=99"):
