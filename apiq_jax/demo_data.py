@@ -16,16 +16,31 @@ CALIB_MODULES: tuple[str, ...] = ("difflib.py", "textwrap.py", "shlex.py", "frac
 EVAL_MODULES: tuple[str, ...] = ("argparse.py", "calendar.py", "heapq.py")
 HELDOUT_MODULES: tuple[str, ...] = CALIB_MODULES + EVAL_MODULES
 
+#: the bundled demo model (HF format, with its tokenizer); see its README.md
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
 
 
 def stdlib_dir() -> Path:
-    """Directory of the running interpreter's standard library sources."""
+    """Directory of the running interpreter's standard library sources.
+
+    Returns:
+        ``sysconfig.get_paths()["stdlib"]`` as a Path.
+    """
     return Path(sysconfig.get_paths()["stdlib"])
 
 
 def training_modules(root: Path | None = None) -> list[str]:
-    """Sorted names of the top-level stdlib ``*.py`` files used for training (held-out ones excluded)."""
+    """Sorted names of the top-level stdlib ``*.py`` files used for training (held-out ones excluded).
+
+    Args:
+        root: the standard library directory (default: :func:`stdlib_dir`).
+
+    Returns:
+        File names such as ``"abc.py"``, without :data:`HELDOUT_MODULES`.
+
+    Raises:
+        FileNotFoundError: ``root`` holds no ``*.py`` files.
+    """
     root = stdlib_dir() if root is None else root
     names = sorted(p.name for p in root.glob("*.py") if p.is_file())
     if not names:
@@ -40,7 +55,15 @@ def training_modules(root: Path | None = None) -> list[str]:
 def read_modules(names: tuple[str, ...] | list[str], root: Path | None = None) -> list[str]:
     """The source text of each stdlib module in ``names`` (UTF-8, undecodable bytes replaced).
 
-    Raises FileNotFoundError naming the missing file.
+    Args:
+        names: file names under ``root`` (e.g. :data:`CALIB_MODULES`).
+        root: the standard library directory (default: :func:`stdlib_dir`).
+
+    Returns:
+        One text per name, in order.
+
+    Raises:
+        FileNotFoundError: naming the missing file.
     """
     root = stdlib_dir() if root is None else root
     texts = []
@@ -56,7 +79,18 @@ def read_modules(names: tuple[str, ...] | list[str], root: Path | None = None) -
 
 
 def demo_text(kind: str, root: Path | None = None) -> str:
-    """The held-out text of ``kind`` ("calib" or "eval"): its modules joined by blank lines."""
+    """The held-out text of ``kind``: its modules joined by blank lines.
+
+    Args:
+        kind: ``"calib"`` (:data:`CALIB_MODULES`) or ``"eval"`` (:data:`EVAL_MODULES`).
+        root: the standard library directory (default: :func:`stdlib_dir`).
+
+    Returns:
+        The text.
+
+    Raises:
+        ValueError: another ``kind``.
+    """
     if kind not in ("calib", "eval"):
         raise ValueError(f"kind={kind!r} is not supported; accepted: 'calib', 'eval'")
     names = CALIB_MODULES if kind == "calib" else EVAL_MODULES

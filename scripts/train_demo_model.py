@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from apiq_jax.data import split_windows  # noqa: E402
 from apiq_jax.demo_data import (  # noqa: E402
     CALIB_MODULES,
     EVAL_MODULES,
@@ -59,7 +61,15 @@ SPECIALS = ("<unk>", "<s>", "</s>")
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
-    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers."""
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
+
+    Args:
+        texts: training texts.
+        vocab_size: vocabulary size, the specials included.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +90,15 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:
-    """``[<s>] + encode(text)`` for each text, concatenated (int32)."""
+    """``[<s>] + encode(text)`` for each text, concatenated.
+
+    Args:
+        tokenizer: the tokenizer of :func:`build_tokenizer`.
+        texts: texts to encode.
+
+    Returns:
+        1-D int32 ids.
+    """
     bos = tokenizer.convert_tokens_to_ids("<s>")
     parts = []
     for t in texts:
@@ -89,7 +107,15 @@ def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:
 
 
 def make_config(vocab_size: int, args: argparse.Namespace) -> ModelConfig:
-    """The demo model's :class:`ModelConfig`."""
+    """The demo model's :class:`ModelConfig`.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size.
+        args: parsed arguments (hidden, intermediate, layers, heads, kv_heads).
+
+    Returns:
+        The config.
+    """
     return ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=vocab_size,
@@ -109,7 +135,16 @@ def make_config(vocab_size: int, args: argparse.Namespace) -> ModelConfig:
 
 
 def nll(params, ids: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
-    """Mean next-token negative log-likelihood of windows ``ids [b, s+1]``."""
+    """Mean next-token negative log-likelihood of windows ``ids [b, s+1]``.
+
+    Args:
+        params: model parameters.
+        ids: token windows ``[b, s+1]``.
+        config: the model config.
+
+    Returns:
+        A scalar.
+    """
     logits = forward(params, None, ids[:, :-1], config)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     tgt = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -117,9 +152,22 @@ def nll(params, ids: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
 
 
 def eval_ppl(params, stream: np.ndarray, config: ModelConfig, seqlen: int, batch: int = 16) -> float:
-    """Perplexity over non-overlapping windows of ``seqlen`` tokens (tail dropped)."""
-    n = len(stream) // seqlen
-    windows = stream[: n * seqlen].reshape(n, seqlen)
+    """Perplexity over non-overlapping windows of ``seqlen`` tokens (tail dropped).
+
+    Args:
+        params: model parameters.
+        stream: 1-D token ids.
+        config: the model config.
+        seqlen: window length.
+        batch: windows per forward pass.
+
+    Returns:
+        The perplexity (NaN when the stream is shorter than one window).
+    """
+    if len(stream) < seqlen:
+        return float("nan")
+    windows = split_windows(stream, seqlen)
+    n = windows.shape[0]
     f = jax.jit(lambda p, x: nll(p, x, config))
     total, count = 0.0, 0
     for i in range(0, n, batch):
@@ -131,7 +179,16 @@ def eval_ppl(params, stream: np.ndarray, config: ModelConfig, seqlen: int, batch
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Train the model and write it (see the module docstring).
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit code 0.
+    """
+    plain = re.sub(r":\w+:`~?([^`]*)`", r"\1", __doc__).replace("``", "").replace("::\n", ":\n")  # plain --help
+    ap = argparse.ArgumentParser(description=plain, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "apiq_jax" / "assets" / "demo_model"))
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=128)

@@ -1,5 +1,7 @@
-"""Logic of the larger ``apiq-jax`` subcommands (``quantize``, ``finetune``, ``demo``).
+"""The ``apiq-jax`` subcommands, one module each (``eval``, ``quantize``, ``finetune``, ``demo``).
 
-:mod:`apiq_jax.cli` only registers the parsers; each module here holds a
-``add_arguments(parser)`` and a ``run(args) -> int``.
+Each module defines ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``; :mod:`apiq_jax.cli` registers them in a loop and dispatches. What
+they share (``--backend``, data loading, the user-error handling, shared defaults) is in
+:mod:`apiq_jax.commands.common`.
 """

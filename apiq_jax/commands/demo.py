@@ -1,17 +1,9 @@
 """``apiq-jax demo``: 2-bit quantization of a small bundled model with every method, offline.
 
-The bundled model (``apiq_jax/assets/demo_model``, a 1M-parameter Llama trained on the
-Python standard library's source, see its README) is quantized to 2 bits with RTN,
-QLoRA (NF2), LoftQ (NF2), ApiQ-lw and ApiQ-bw. Calibration and evaluation text are
-standard-library modules held out of the model's training, read from the running Python
-install, so nothing is downloaded. For every method the demo prints perplexity on the
-evaluation text and the mean per-block activation error
-``||x_fp - x_q||^2 / ||x_fp||^2`` next to the full-precision model; then it finetunes each
-method's LoRA factors for a few steps on the calibration text (the frozen 2-bit weights
-untouched) and reports the perplexity again, and writes ``results.json`` and ``demo.png``
-into ``--out``.
-
     apiq-jax demo [--out runs/demo] [--fast] [--methods rtn,qlora,...] [--epochs E] [--finetune-steps N]
+
+See :data:`DESCRIPTION` (the ``--help`` text). The last stdout line is one JSON object
+(:func:`summary_line`), as for every command.
 """
 
 from __future__ import annotations
@@ -21,8 +13,28 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from apiq_jax.commands.common import DEMO_LOFTQ_ITERATIONS, print_json
+
+NAME = "demo"
+HELP = "offline demo: 2-bit quantization of the bundled model with every method"
+DESCRIPTION = f"""\
+Offline demo: 2-bit quantization of a small bundled model with every method.
+
+The bundled model (apiq_jax/assets/demo_model, a 1M-parameter Llama trained on the
+Python standard library's source, see its README) is quantized to 2 bits with RTN,
+QLoRA (NF2), LoftQ (NF2, {DEMO_LOFTQ_ITERATIONS} alternations), ApiQ-lw and ApiQ-bw. Calibration and
+evaluation text are standard-library modules held out of the model's training, read
+from the running Python install, so nothing is downloaded. For every method the demo
+prints perplexity on the evaluation text and the mean per-block activation error
+||x_fp - x_q||^2 / ||x_fp||^2 next to the full-precision model; then it finetunes each
+method's LoRA factors for a few steps on the calibration text (the frozen 2-bit
+weights untouched) and reports the perplexity again, and writes results.json and
+demo.png into --out. The last stdout line is one JSON object with the summary.
+
+  apiq-jax demo [--out runs/demo] [--fast] [--methods rtn,qlora,...] [--epochs E] [--finetune-steps N]
+"""
 
 DEMO_METHODS = ("rtn", "qlora", "loftq", "apiq-lw", "apiq-bw")
 ALL_METHODS = DEMO_METHODS + ("gptq",)
@@ -36,7 +48,14 @@ FINETUNE_LR = 3e-4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``apiq-jax demo``."""
+    """Add the arguments of ``apiq-jax demo``.
+
+    Args:
+        p: the subcommand's parser.
+
+    Returns:
+        None; the arguments are added to ``p``.
+    """
     p.add_argument("--out", default="runs/demo", help="output directory for results.json and demo.png (default runs/demo)")
     p.add_argument("--fast", action="store_true",
                    help=f"reduced run for tests/smoke checks: {FAST['nsamples']} calibration windows of "
@@ -79,12 +98,39 @@ def _methods(spec: str) -> list[str]:
     return names
 
 
+def summary_line(summary: dict[str, Any], results: Path, plot: Path | None) -> dict[str, Any]:
+    """The JSON object the demo prints last: settings and one short entry per method.
+
+    Args:
+        summary: the content of ``results.json``.
+        results: where ``results.json`` went.
+        plot: where ``demo.png`` went (None if not written).
+
+    Returns:
+        ``summary`` without the per-block and per-step lists, plus ``results`` and ``plot``.
+    """
+    keep = ("method", "label", "bits_per_param", "perplexity", "mean_activation_error", "seconds",
+            "perplexity_finetuned")
+    rows = [{k: r[k] for k in keep if k in r} for r in summary["rows"]]
+    return {**{k: v for k, v in summary.items() if k != "rows"}, "rows": rows, "results": str(results),
+            "plot": None if plot is None else str(plot)}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; prints the table (and where the files went)."""
-    from apiq_jax.commands.quantize import draw_windows
+    """Run the demo: prints the table, where the files went, then the summary JSON line.
+
+    Args:
+        args: parsed arguments of :func:`add_arguments`.
+
+    Returns:
+        Exit code 0.
+
+    Raises:
+        ValueError: bad settings, or a perplexity that is not finite.
+    """
     from apiq_jax.compare import compare_methods, format_table, save_plot
+    from apiq_jax.data import sample_windows, split_windows, tokenize
     from apiq_jax.demo_data import DEMO_MODEL_DIR, demo_text
-    from apiq_jax.evaluate import windows
     from apiq_jax.lora import LoraConfig
     from apiq_jax.models import load_pretrained, load_tokenizer
     from apiq_jax.training import FinetuneConfig
@@ -99,13 +145,10 @@ def run(args: argparse.Namespace) -> int:
     params, config = model.params, model.config
     tok = load_tokenizer(model_dir)
 
-    def encode(text: str) -> np.ndarray:
-        return np.asarray(tok(text, add_special_tokens=True, verbose=False)["input_ids"], np.int64)
-
     seqlen = settings["seqlen"]
-    calib_stream = encode(demo_text("calib"))
-    calib = draw_windows(calib_stream, settings["nsamples"], seqlen, args.seed, "demo calibration text")
-    eval_ids = windows(encode(demo_text("eval")), seqlen).astype(np.int32)
+    calib_stream = tokenize(demo_text("calib"), tok)
+    calib = sample_windows(calib_stream, settings["nsamples"], seqlen, seed=args.seed, name="demo calibration text")
+    eval_ids = split_windows(tokenize(demo_text("eval"), tok), seqlen, name="demo evaluation text")
     if settings["eval_windows"]:
         eval_ids = eval_ids[: settings["eval_windows"]]
     steps = settings["finetune_steps"]
@@ -113,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         params, config, calib, eval_ids, methods, bits=args.bits, group_size=args.group_size,
         lora_config=LoraConfig(rank=args.rank, alpha=args.alpha), epochs=settings["epochs"], seed=args.seed,
         progress=not args.quiet,
-        finetune_ids=windows(calib_stream, seqlen) if steps else None,
+        finetune_ids=split_windows(calib_stream, seqlen) if steps else None,
         finetune_config=FinetuneConfig(steps=steps, batch_size=FINETUNE_BATCH, learning_rate=FINETUNE_LR,
                                        warmup_steps=min(10, steps), seed=args.seed) if steps else None,
     )
@@ -137,4 +180,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}" + (f" and {png}" if png else "") + f" in {elapsed:.0f}s")
     if not all(math.isfinite(r["perplexity"]) for r in rows):
         raise ValueError("a perplexity is not finite; see results.json")
+    print_json(summary_line(summary, out / "results.json", png))
     return 0

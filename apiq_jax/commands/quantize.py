@@ -5,21 +5,12 @@
         [--epochs E] [--seed S] [--nsamples N --seqlen L] [--scheme S] [--num-iter T]
         --out OUT
 
-``--calib`` takes token ids (``.npy``: ``[n, seqlen]`` rows used in order, or a 1-D
-stream from which windows are drawn) or text (``.txt``: tokenized once with the model's
-tokenizer). Windows of ``--seqlen`` tokens are drawn at random positions with ``--seed``.
-ApiQ runs checkpoint every finished block under ``OUT/calibration_work``: re-running an
-interrupted command with the same arguments continues after the last finished block.
-``OUT`` is written with :func:`apiq_jax.models.quantized_io.save_quantized` (bit-packed
-frozen weights, LoRA factors, metadata JSON, tokenizer files) plus the calibration
-report (``report.json``, ``report.png``); ``apiq-jax eval --model OUT`` reads it. The
-last stdout line is one JSON object with the run's summary.
+See :data:`DESCRIPTION` (the ``--help`` text) for the data and output formats.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time
@@ -27,6 +18,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from apiq_jax.commands.common import (
+    DEFAULT_SEQLEN,
+    DEMO_LOFTQ_ITERATIONS,
+    QUANTIZE_LOFTQ_ITERATIONS,
+    field_default,
+    print_json,
+)
+
+NAME = "quantize"
+HELP = "calibrate an HF model (apiq-bw, apiq-lw, loftq, qlora, rtn, gptq) and save it"
+DESCRIPTION = """\
+Calibrate a Hugging Face model with one method and save it.
+
+  apiq-jax quantize --model HF_DIR --method {apiq-bw,apiq-lw,loftq,qlora,rtn,gptq}
+      --bits {2,3,4} --group-size N --rank R --alpha A --calib FILE
+      [--epochs E] [--seed S] [--nsamples N --seqlen L] [--scheme S] [--num-iter T]
+      --out OUT
+
+--calib takes token ids (.npy: [n, seqlen] rows used in order, or a 1-D stream
+from which windows are drawn) or text (.txt: tokenized once with the model's
+tokenizer). Windows of --seqlen tokens are drawn at random positions with --seed.
+ApiQ runs checkpoint every finished block under OUT/calibration_work: re-running an
+interrupted command with the same arguments continues after the last finished block.
+OUT is written with apiq_jax.models.save_quantized (bit-packed frozen weights, LoRA
+factors, metadata JSON, tokenizer files) plus the calibration report (report.json,
+report.png); apiq-jax eval --model OUT reads it. The last stdout line is one JSON
+object with the run's summary.
+"""
 
 METHODS = ("apiq-bw", "apiq-lw", "loftq", "qlora", "rtn", "gptq")
 #: bit widths each method accepts
@@ -39,14 +59,24 @@ METHOD_SCHEMES: dict[str, tuple[str, ...]] = {
 }
 #: scheme used when --scheme is not given (QLoRA and LoftQ store NormalFloat)
 DEFAULT_SCHEME = {"qlora": "nf", "loftq": "nf"}
+#: calibration windows drawn from text / 1-D ids when --nsamples is not given
 DEFAULT_NSAMPLES = 128
-DEFAULT_SEQLEN = 2048
 #: per-block checkpoints of an ApiQ run inside --out; removed once the model is saved
 WORK_SUBDIR = "calibration_work"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``apiq-jax quantize``."""
+    """Add the arguments of ``apiq-jax quantize``.
+
+    Args:
+        p: the subcommand's parser.
+
+    Returns:
+        None; the arguments are added to ``p``.
+    """
+    from apiq_jax.calibration import ApiQOptions
+
+    epochs = field_default(ApiQOptions, "epochs")
     p.add_argument("--model", required=True, help="Hugging Face model directory (full precision)")
     p.add_argument("--method", required=True, help=f"calibration method: one of {', '.join(METHODS)}")
     p.add_argument("--bits", required=True, type=int, help="weight bits (2, 3 or 4)")
@@ -55,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the LoRA term is scaled by alpha/r (default 16)")
     p.add_argument("--calib", required=True, help="calibration data: token ids (.npy) or text (.txt)")
     p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--epochs", type=int, default=None, help="ApiQ epochs per block/layer (default 20; apiq-* only)")
+    p.add_argument("--epochs", type=int, default=None, help=f"ApiQ epochs per block/layer (default {epochs}; apiq-* only)")
     p.add_argument("--seed", type=int, default=0, help="seed for window sampling and LoRA init (default 0)")
     p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {DEFAULT_NSAMPLES})")
     p.add_argument("--seqlen", type=int, default=None,
@@ -64,77 +94,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default=None, choices=("asym", "sym", "nf"),
                    help="quantizer: asym (zero point), sym (absmax) or nf (NormalFloat); default nf for "
                         "qlora/loftq, asym otherwise")
-    p.add_argument("--num-iter", type=int, default=None, help="LoftQ alternations (default 1; loftq only)")
+    p.add_argument("--num-iter", type=int, default=None,
+                   help=f"LoftQ alternations (default {QUANTIZE_LOFTQ_ITERATIONS}, as loftq_init; loftq only; "
+                        f"apiq-jax demo runs {DEMO_LOFTQ_ITERATIONS})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # --- calibration data -------------------------------------------------------------------------
 def draw_windows(stream: np.ndarray, nsamples: int, seqlen: int, seed: int, source: str) -> np.ndarray:
-    """``nsamples`` windows of ``seqlen`` tokens at random starts of the 1-D ``stream`` (seeded)."""
-    if stream.size < seqlen:
-        raise ValueError(
-            f"--calib {source}: only {stream.size} tokens, fewer than one window of --seqlen {seqlen}; "
-            "give more data or a smaller --seqlen"
-        )
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, stream.size - seqlen + 1, size=nsamples)
-    return np.stack([stream[s : s + seqlen] for s in starts]).astype(np.int32)
+    """Deprecated alias of apiq_jax.data.sample_windows (kept for old callers).
+
+    Args:
+        stream: 1-D token ids.
+        nsamples: number of windows.
+        seqlen: tokens per window.
+        seed: seed of the random starts.
+        source: how error messages call the ids.
+
+    Returns:
+        ``[nsamples, seqlen]`` int32, as ``sample_windows(stream, nsamples, seqlen, seed=seed)``.
+    """
+    from apiq_jax.data import sample_windows
+
+    return sample_windows(stream, nsamples, seqlen, seed=seed, name=source)
 
 
 def load_calibration(
     path: Path, model_dir: Path, nsamples: int | None, seqlen: int | None, seed: int, max_len: int,
     vocab_size: int,
 ) -> np.ndarray:
-    """Calibration ids ``[n, seqlen]`` from ``.npy`` ids or ``.txt`` text (see module doc)."""
-    from apiq_jax.cli import check_data_file, load_int_npy
+    """Calibration ids ``[n, seqlen]`` of ``--calib`` (read with apiq_jax.data).
 
-    suffix = check_data_file(path, "--calib")
+    Text and 1-D ids: ``nsamples`` (default :data:`DEFAULT_NSAMPLES`) windows at random
+    starts drawn with ``seed``; 2-D ids: the first ``nsamples`` rows (default all), cut to
+    ``seqlen`` tokens.
+
+    Args:
+        path: ``.npy`` ids or ``.txt`` text.
+        model_dir: model directory whose tokenizer reads text.
+        nsamples: number of windows (None: see above).
+        seqlen: tokens per window; None: ``min(DEFAULT_SEQLEN, max_len, tokens)`` for a
+            stream, the row length for 2-D ids.
+        seed: seed of the window starts.
+        max_len: the model's ``max_position_embeddings``.
+        vocab_size: the model's vocabulary size (every id is checked against it).
+
+    Returns:
+        int32 ids ``[n, seqlen]``.
+    """
+    from apiq_jax import data as D
+
+    name = f"--calib {path}"
+    ids = D.load_tokens(path, tokenizer=model_dir, name=name)
+    try:
+        D.check_ids(ids, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if ids.ndim == 2:
+        if seqlen is not None and seqlen > ids.shape[1]:
+            raise ValueError(
+                f"--seqlen {seqlen} exceeds the row length {ids.shape[1]} of {path}; accepted: "
+                f"--seqlen <= {ids.shape[1]}"
+            )
+        rows = ids.shape[0] if nsamples is None else nsamples
+        if rows > ids.shape[0]:
+            raise ValueError(
+                f"--nsamples {rows} exceeds the {ids.shape[0]} rows of {path}; accepted: <= {ids.shape[0]}"
+            )
+        return D.windows(ids, seqlen=seqlen or ids.shape[1], nsamples=rows)
     n = DEFAULT_NSAMPLES if nsamples is None else nsamples
-    if suffix == ".txt":
-        from apiq_jax.models import load_tokenizer
-
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise ValueError(f"--calib {path}: the text file is empty")
-        tok = load_tokenizer(model_dir)
-        stream = np.asarray(tok(text, add_special_tokens=True, verbose=False)["input_ids"], np.int64)
-        length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, stream.size)
-        ids = draw_windows(stream, n, length, seed, str(path))
-    else:
-        arr = load_int_npy(path, "--calib")
-        if arr.ndim == 1:
-            length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, arr.size)
-            ids = draw_windows(arr, n, length, seed, str(path))
-        elif arr.ndim == 2:
-            if arr.shape[0] == 0 or arr.shape[1] == 0:
-                raise ValueError(f"--calib {path}: no token ids (shape {arr.shape})")
-            if seqlen is not None and seqlen > arr.shape[1]:
-                raise ValueError(
-                    f"--seqlen {seqlen} exceeds the row length {arr.shape[1]} of {path}; accepted: "
-                    f"--seqlen <= {arr.shape[1]}"
-                )
-            rows = arr.shape[0] if nsamples is None else nsamples
-            if rows > arr.shape[0]:
-                raise ValueError(
-                    f"--nsamples {rows} exceeds the {arr.shape[0]} rows of {path}; accepted: <= {arr.shape[0]}"
-                )
-            ids = arr[:rows, : (seqlen or arr.shape[1])]
-        else:
-            raise ValueError(f"--calib {path}: expected [n, seqlen] or 1-D ids, got shape {arr.shape}")
-    ids = np.asarray(ids)
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"--calib {path}: token id {bad} is out of range for this model; accepted: 0 <= id < "
-            f"{vocab_size} (vocab_size)"
-        )
-    return ids.astype(np.int32)
+    length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, ids.size)
+    return D.sample_windows(ids, n, length, seed=seed, name=name)
 
 
 # --- running ----------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> str:
-    """Validate method/bits/scheme and numeric options; returns the scheme to use."""
+    """Validate method/bits/scheme and numeric options.
+
+    Args:
+        args: parsed arguments of :func:`add_arguments`.
+
+    Returns:
+        The quantizer scheme to use (``--scheme`` or the method's default).
+
+    Raises:
+        ValueError: an unsupported combination or value, naming the flag.
+    """
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r} is not supported; accepted: {', '.join(METHODS)}")
     if args.bits not in METHOD_BITS[args.method]:
@@ -174,19 +219,36 @@ def method_options(
 
     ApiQ methods checkpoint every finished block into ``work_dir`` (when given), so an
     interrupted ``apiq-jax quantize`` re-run with the same arguments resumes there.
+
+    Args:
+        method: one of :data:`METHODS`.
+        epochs: ApiQ epochs (None: the method's default).
+        num_iter: LoftQ alternations (None: :data:`QUANTIZE_LOFTQ_ITERATIONS`).
+        progress: show progress bars.
+        work_dir: checkpoint directory of ApiQ runs.
+
+    Returns:
+        Keyword arguments for the method's calibration function.
     """
     opts: dict[str, Any] = {"progress": progress}
     if method.startswith("apiq") and work_dir is not None:
         opts["work_dir"] = work_dir
     if method.startswith("apiq") and epochs is not None:
         opts["epochs"] = epochs
-    if method == "loftq" and num_iter is not None:
-        opts["num_iter"] = num_iter
+    if method == "loftq":
+        opts["num_iter"] = QUANTIZE_LOFTQ_ITERATIONS if num_iter is None else num_iter
     return opts
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``apiq-jax quantize``; prints the summary JSON as the last stdout line."""
+    """Run ``apiq-jax quantize``; prints the summary JSON as the last stdout line.
+
+    Args:
+        args: parsed arguments of :func:`add_arguments`.
+
+    Returns:
+        Exit code 0.
+    """
     import jax
 
     from apiq_jax.calibration import get_method
@@ -236,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         "peak_rss_mb": report.peak_rss_mb,
     }
     save_quantized(
-        out_dir, result.params, result.lora, config, lcfg,
+        out_dir, result.params, result.lora, config,
         metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": report.to_dict()},
         tokenizer_source=model_dir,
     )
@@ -245,5 +307,5 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out_dir / WORK_SUBDIR, ignore_errors=True)
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     summary["out"] = str(out_dir)
-    print(json.dumps(summary))
+    print_json(summary)
     return 0

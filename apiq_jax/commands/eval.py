@@ -1,0 +1,172 @@
+"""``apiq-jax eval``: perplexity of an HF or saved quantized model on token ids or text.
+
+    apiq-jax eval --model DIR --data FILE [--seqlen N] [--batch-size N] [--dtype D]
+        [--backend B] [--quiet]
+
+Data is read by apiq_jax.data: ``.npy`` ``[n, seqlen]`` rows are scored one by one, 1-D
+ids and ``.txt`` text (tokenized once with the model's tokenizer) are cut into
+``--seqlen`` windows with the tail dropped. A progress bar over batches goes to stderr
+(only on a terminal); the last stdout line is one JSON object with the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from apiq_jax.commands.common import (
+    DEFAULT_SEQLEN,
+    add_backend_argument,
+    compute_backend,
+    load_token_data,
+    print_json,
+)
+
+NAME = "eval"
+HELP = "perplexity of an HF or saved quantized model on token ids or text"
+DESCRIPTION = """\
+Perplexity of a model on token ids or raw text.
+
+  apiq-jax eval --model DIR --data FILE [--seqlen N] [--batch-size N] [--dtype D]
+      [--backend B] [--quiet]
+
+--data takes token ids (.npy: [n, seqlen] rows scored one by one, or 1-D ids cut
+into --seqlen windows) or raw text (.txt: tokenized once with the model's tokenizer,
+cut into --seqlen windows, tail dropped). Prints one JSON object as the last line of
+stdout; a progress bar over batches goes to stderr when it is a terminal.
+"""
+#: rows per forward pass when --batch-size is not given
+DEFAULT_BATCH_SIZE = 8
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``apiq-jax eval``.
+
+    Args:
+        p: the subcommand's parser.
+
+    Returns:
+        None; the arguments are added to ``p``.
+    """
+    p.add_argument("--model", required=True, help="HF model directory or saved quantized model directory")
+    p.add_argument("--data", required=True, help="token ids (.npy) or raw text (.txt)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"window length for 1-D ids and text (default: min({DEFAULT_SEQLEN}, "
+                        "max_position_embeddings)); must equal the row length for 2-D ids")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"rows per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype for HF models (default float32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_argument(p)
+
+
+def load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
+    """Load an HF or saved quantized model directory for scoring.
+
+    Args:
+        model_dir: HF model directory, or one written by ``save_quantized``.
+        dtype: compute dtype of HF models (``"float32"`` or ``"bfloat16"``).
+
+    Returns:
+        ``{"params", "config", "lora", "quantized"}``.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is missing or not a directory.
+    """
+    from apiq_jax.models import is_quantized_dir, load_pretrained, load_quantized
+
+    if not model_dir.exists():
+        raise FileNotFoundError(f"--model {model_dir}: directory not found")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: not a directory (expected an HF or quantized model dir)")
+    if is_quantized_dir(model_dir):
+        frozen, lora, cfg, _ = load_quantized(model_dir)
+        return {"params": frozen, "config": cfg, "lora": lora, "quantized": True}
+    model = load_pretrained(model_dir, dtype=dtype)
+    return {"params": model.params, "config": model.config, "lora": None,
+            "quantized": False}
+
+
+@contextlib.contextmanager
+def batch_progress(total: int, *, enabled: bool = True, file: Any = None) -> Iterator[Any]:
+    """A tqdm bar on stderr advanced once per scored batch of apiq_jax.evaluate.perplexity_ids.
+
+    The bar counts the calls of ``apiq_jax.evaluate.nll_sums`` (one per batch) while the
+    block runs; scores are untouched. It is off when ``enabled`` is False and, by tqdm's
+    rule, when stderr is not a terminal.
+
+    Args:
+        total: number of batches.
+        enabled: False for no bar (``--quiet``).
+        file: where the bar goes (default: ``sys.stderr``, read at call time).
+
+    Returns:
+        A context manager yielding the bar.
+    """
+    from tqdm import tqdm
+
+    from apiq_jax import evaluate
+
+    bar = tqdm(total=total, desc="eval", unit="batch", file=sys.stderr if file is None else file,
+               disable=None if enabled else True, leave=False)
+    original = getattr(evaluate, "nll_sums", None)
+    if original is not None and not bar.disable:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            bar.update(1)
+            return out
+
+        evaluate.nll_sums = counted
+    try:
+        yield bar
+    finally:
+        if original is not None:
+            evaluate.nll_sums = original
+        bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``apiq-jax eval``; prints the result JSON as the last stdout line.
+
+    Args:
+        args: parsed arguments of :func:`add_arguments`.
+
+    Returns:
+        Exit code 0.
+    """
+    from apiq_jax.evaluate import perplexity_ids
+
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size {args.batch_size} must be positive")
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ValueError(f"--seqlen {args.seqlen} must be >= 2")
+    model_dir = Path(args.model)
+    m = load_eval_model(model_dir, args.dtype)
+    ids = load_token_data(Path(args.data), "--data", model_dir=model_dir, seqlen=args.seqlen,
+                          max_len=m["config"].max_position_embeddings, vocab_size=m["config"].vocab_size)
+    batches = math.ceil(ids.shape[0] / min(args.batch_size, ids.shape[0]))
+    backend, prepare = compute_backend(args.backend)
+    with batch_progress(batches, enabled=not getattr(args, "quiet", False)):
+        res = perplexity_ids(
+            prepare(m["params"]), ids, config=m["config"], lora=m["lora"], batch_size=args.batch_size,
+            backend=backend,
+        )
+    print_json({
+        "perplexity": res.perplexity,
+        "mean_nll": res.mean_nll,
+        "tokens": res.tokens,
+        "windows": res.windows,
+        "seqlen": res.seqlen,
+        "seconds": round(res.seconds, 4),
+        "model": str(model_dir),
+        "data": str(args.data),
+        "quantized": m["quantized"],
+        "backend": backend,
+    })
+    return 0

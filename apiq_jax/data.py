@@ -1,0 +1,354 @@
+"""Reading token data: text and ``.npy`` id files in, int32 windows ``[n, seqlen]`` out.
+
+Every command reads its data through this module, so the accepted formats and their
+errors are the same everywhere:
+
+* ``.txt``: raw UTF-8 text (undecodable bytes replaced), tokenized once with the model's
+  tokenizer including its special tokens (a leading BOS for Llama tokenizers);
+* ``.npy``: integer token ids, 1-D (a stream cut into windows) or 2-D (``[n, seqlen]``
+  rows used as they are). Pickled object arrays, floats and other ranks are refused.
+
+:func:`windows` is the one-call entry point; :func:`load_tokens`, :func:`tokenize`,
+:func:`split_windows`, :func:`sample_windows` and :func:`check_ids` are its parts.
+Errors a user can fix raise ValueError (FileNotFoundError for a missing file) with a
+message that starts with ``name`` (the file, or how the caller calls it, e.g. a flag).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DATA_SUFFIXES", "check_ids", "data_suffix", "load_ids", "load_tokens", "read_text",
+    "sample_windows", "split_windows", "tokenize", "windows",
+]
+
+#: file types :func:`load_tokens` reads
+DATA_SUFFIXES = (".npy", ".txt")
+
+
+def _prefix(name: str | None, path: Path) -> str:
+    return name if name is not None else str(path)
+
+
+def data_suffix(path: str | os.PathLike, *, name: str | None = None) -> str:
+    """The lower-case suffix of an existing data file, checked against :data:`DATA_SUFFIXES`.
+
+    Args:
+        path: the file.
+        name: how error messages call the file (default: the path itself).
+
+    Returns:
+        ``".npy"`` or ``".txt"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: any other suffix.
+    """
+    path = Path(path)
+    prefix = _prefix(name, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{prefix}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise ValueError(
+            f"{prefix}: unsupported file type {suffix or '(none)'!r}; accepted: "
+            ".npy (int token ids, [n, seqlen] or 1-D) or .txt (raw text)"
+        )
+    return suffix
+
+
+def load_ids(path: str | os.PathLike, *, name: str | None = None) -> np.ndarray:
+    """Integer token ids from a ``.npy`` file, 1-D or 2-D, as stored.
+
+    Args:
+        path: the ``.npy`` file.
+        name: how error messages call the file (default: the path itself).
+
+    Returns:
+        The array (its integer dtype unchanged).
+
+    Raises:
+        ValueError: the file is not a readable array, holds a pickled object array
+            (never unpickled: ``allow_pickle=False``), is not of an integer dtype,
+            is not 1-D or 2-D, or holds no ids.
+    """
+    path = Path(path)
+    prefix = _prefix(name, path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ValueError(f"{prefix}: cannot read as a .npy array: {e}") from e
+    if magic != b"\x93NUMPY":  # pickles and .npz archives are never loaded
+        raise ValueError(f"{prefix}: cannot read as a .npy array: not in the .npy format (np.save writes it)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise ValueError(
+                f"{prefix}: holds a pickled object array, which is refused (allow_pickle=False); "
+                "save integer token ids, e.g. np.save(path, ids.astype(np.int32))"
+            ) from e
+        raise ValueError(f"{prefix}: cannot read as a .npy array: {e}") from e
+    except OSError as e:
+        raise ValueError(f"{prefix}: cannot read as a .npy array: {e}") from e
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{prefix}: token ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{prefix}: expected [n, seqlen] or 1-D ids, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{prefix}: no token ids (shape {arr.shape})")
+    return arr
+
+
+def read_text(path: str | os.PathLike, *, name: str | None = None) -> str:
+    """The text of a ``.txt`` file (UTF-8, undecodable bytes replaced).
+
+    Args:
+        path: the text file.
+        name: how error messages call the file (default: the path itself).
+
+    Returns:
+        The file's text.
+
+    Raises:
+        ValueError: the file holds only whitespace.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{_prefix(name, path)}: the text file is empty")
+    return text
+
+
+def _as_tokenizer(tokenizer: Any) -> Any:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from apiq_jax.models import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def tokenize(text: str, tokenizer: Any) -> np.ndarray:
+    """Token ids of ``text``, tokenized once with the tokenizer's special tokens.
+
+    Args:
+        text: the text.
+        tokenizer: a Hugging Face tokenizer, or a model directory holding one.
+
+    Returns:
+        1-D int64 ids (e.g. a leading BOS, then the text's tokens).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    enc = _as_tokenizer(tokenizer)(text, add_special_tokens=True, verbose=False)
+    return np.asarray(enc["input_ids"], dtype=np.int64)
+
+
+def load_tokens(path: str | os.PathLike, *, tokenizer: Any = None, name: str | None = None) -> np.ndarray:
+    """Token ids from a data file: ``.npy`` ids as stored, ``.txt`` text tokenized.
+
+    Args:
+        path: a ``.npy`` or ``.txt`` file.
+        tokenizer: a tokenizer or a model directory holding one; loaded only for ``.txt``.
+        name: how error messages call the file (default: the path itself).
+
+    Returns:
+        1-D ids (text, 1-D ``.npy``) or 2-D ``[n, seqlen]`` rows (2-D ``.npy``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: an unsupported file, see :func:`data_suffix`, :func:`load_ids`,
+            :func:`read_text`; a ``.txt`` file without a tokenizer.
+    """
+    if data_suffix(path, name=name) == ".npy":
+        return load_ids(path, name=name)
+    if tokenizer is None:
+        raise ValueError(f"{_prefix(name, Path(path))}: text needs a tokenizer (tokenizer=...)")
+    return tokenize(read_text(path, name=name), tokenizer)
+
+
+def check_ids(ids: Any, vocab_size: int) -> np.ndarray:
+    """Check that token ids are integers in ``[0, vocab_size)``.
+
+    Args:
+        ids: token ids of any shape.
+        vocab_size: the model's vocabulary size.
+
+    Returns:
+        ``ids`` as a numpy array (dtype unchanged).
+
+    Raises:
+        ValueError: a non-integer dtype, or an id out of range; the message names the
+            first bad id, its position (an index, or a tuple for 2-D ids) and the accepted
+            range, e.g. ``token id 600 at position (0, 2) is out of range for this model;
+            accepted: 0 <= id < 512 (vocab_size)``.
+    """
+    arr = np.asarray(ids)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if arr.size and bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        pos: Any = where[0] if len(where) == 1 else where
+        raise ValueError(
+            f"token id {int(arr[where])} at position {pos} is out of range for this model; "
+            f"accepted: 0 <= id < {vocab_size} (vocab_size)"
+        )
+    return arr
+
+
+def _check_seqlen(seqlen: Any, minimum: int = 2) -> int:
+    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < minimum:
+        raise ValueError(f"seqlen={seqlen!r} must be an int >= {minimum}")
+    return int(seqlen)
+
+
+def split_windows(ids: Any, seqlen: int, *, name: str = "ids") -> np.ndarray:
+    """Cut a 1-D id stream into non-overlapping windows; the tail is dropped.
+
+    Args:
+        ids: 1-D token ids.
+        seqlen: tokens per window (>= 2).
+        name: how error messages call the ids.
+
+    Returns:
+        ``[len(ids) // seqlen, seqlen]`` int32.
+
+    Raises:
+        ValueError: not 1-D, a bad ``seqlen``, or fewer than ``seqlen`` ids.
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected 1-D token ids, got shape {arr.shape}")
+    seqlen = _check_seqlen(seqlen)
+    n = arr.size // seqlen
+    if n == 0:
+        raise ValueError(f"{name}: only {arr.size} tokens, fewer than one window of seqlen {seqlen}")
+    return arr[: n * seqlen].reshape(n, seqlen).astype(np.int32)
+
+
+def sample_windows(ids: Any, nsamples: int, seqlen: int, *, seed: int = 0, name: str = "ids") -> np.ndarray:
+    """``nsamples`` windows starting at random positions of a 1-D id stream (overlaps allowed).
+
+    The starts are ``np.random.default_rng(seed).integers(0, len(ids) - seqlen + 1, nsamples)``.
+
+    Args:
+        ids: 1-D token ids.
+        nsamples: number of windows (>= 1).
+        seqlen: tokens per window (>= 1).
+        seed: seed of the start positions.
+        name: how error messages call the ids.
+
+    Returns:
+        ``[nsamples, seqlen]`` int32.
+
+    Raises:
+        ValueError: not 1-D, a non-positive count or length, or fewer than ``seqlen`` ids.
+    """
+    stream = np.asarray(ids)
+    if stream.ndim != 1:
+        raise ValueError(f"{name}: expected 1-D token ids, got shape {stream.shape}")
+    seqlen = _check_seqlen(seqlen, 1)
+    if isinstance(nsamples, bool) or not isinstance(nsamples, (int, np.integer)) or nsamples <= 0:
+        raise ValueError(f"nsamples={nsamples!r} must be a positive int")
+    if stream.size < seqlen:
+        raise ValueError(
+            f"{name}: only {stream.size} tokens, fewer than one window of seqlen {seqlen}; "
+            "give more data or a smaller seqlen"
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, stream.size - seqlen + 1, size=nsamples)
+    return np.stack([stream[s : s + seqlen] for s in starts]).astype(np.int32)
+
+
+def _is_path(source: Any) -> bool:
+    if isinstance(source, os.PathLike):
+        return True
+    return (
+        isinstance(source, str) and "\n" not in source and len(source) < 4096
+        and source.lower().endswith(DATA_SUFFIXES)
+    )
+
+
+def windows(
+    source: Any,
+    *,
+    seqlen: int,
+    tokenizer: Any = None,
+    nsamples: int | None = None,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Token windows ``[n, seqlen]`` from text, a data file or token ids.
+
+    Args:
+        source: one of
+            * a ``pathlib.Path`` (or a one-line str ending in ``.txt``/``.npy``): a data
+              file read with :func:`load_tokens`;
+            * any other str: text, tokenized with ``tokenizer``;
+            * an array: 1-D ids (a stream) or 2-D ``[n, length]`` rows.
+        seqlen: tokens per window (>= 2 for non-overlapping windows of a stream).
+        tokenizer: a Hugging Face tokenizer or a model directory holding one; needed
+            for text only.
+        nsamples: None cuts a stream into non-overlapping windows (the tail dropped; the
+            perplexity protocol). A count draws that many windows at random starts
+            (overlaps allowed; how calibration data is sampled), seeded with ``seed``.
+            For 2-D rows: None keeps every row, a count the first ``nsamples``.
+        seed: seed of the random starts (default 0); only with ``nsamples``.
+
+    Returns:
+        ``[n, seqlen]`` int32. 2-D rows longer than ``seqlen`` are cut to their first
+        ``seqlen`` tokens.
+
+    Raises:
+        ValueError: text without a tokenizer, too little data for one window, more
+            rows asked for than there are, ``seed`` without ``nsamples``, and the file
+            errors of :func:`load_tokens`.
+        FileNotFoundError: a data file that does not exist.
+
+    Example:
+        >>> import numpy as np
+        >>> from apiq_jax.data import windows
+        >>> windows(np.arange(10), seqlen=4)
+        array([[0, 1, 2, 3],
+               [4, 5, 6, 7]], dtype=int32)
+        >>> windows(np.arange(10), seqlen=4, nsamples=3, seed=0).shape
+        (3, 4)
+        >>> from apiq_jax.demo_data import DEMO_MODEL_DIR
+        >>> windows("def f(x):\\n    return x\\n" * 8, seqlen=16, tokenizer=DEMO_MODEL_DIR).shape[1]
+        16
+    """
+    if seed is not None and nsamples is None:
+        raise ValueError("seed= only applies with nsamples= (random window starts)")
+    seqlen = _check_seqlen(seqlen, 1)  # split_windows asks for >= 2 (a next-token target)
+    name = "ids"
+    if _is_path(source):
+        name = str(source)
+        arr = load_tokens(source, tokenizer=tokenizer)
+    elif isinstance(source, str):
+        if tokenizer is None:
+            raise ValueError("text needs a tokenizer (tokenizer=...)")
+        name = "text"
+        arr = tokenize(source, tokenizer)
+    else:
+        arr = np.asarray(source)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        rows, length = arr.shape
+        if seqlen > length:
+            raise ValueError(f"{name}: seqlen {seqlen} exceeds the row length {length}; accepted: seqlen <= {length}")
+        n = rows if nsamples is None else nsamples
+        if n <= 0 or n > rows:
+            raise ValueError(f"{name}: nsamples {n} for {rows} rows; accepted: 1 <= nsamples <= {rows}")
+        return np.ascontiguousarray(arr[:n, :seqlen]).astype(np.int32)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected [n, seqlen] or 1-D ids, got shape {arr.shape}")
+    if nsamples is None:
+        return split_windows(arr, seqlen, name=name)
+    return sample_windows(arr, nsamples, seqlen, seed=0 if seed is None else seed, name=name)

@@ -1,0 +1,107 @@
+"""``apiq-jax finetune`` (apiq_jax/commands/finetune.py): quantize -> finetune -> eval on a tiny
+model; resume; defaults from FinetuneConfig; backends; errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+import pytest
+
+from apiq_jax.commands import finetune as ft_cmd
+from apiq_jax.models import load_quantized
+from apiq_jax.training import FinetuneConfig
+from tests.commands.conftest import last_json, run_cli
+
+
+def test_finetune_trains_lora_only_and_resumes(qlora_quantized, data, tmp_path, capsys):
+    quantized = qlora_quantized
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", str(quantized), "--data", str(data["calib"]), "--eval", str(data["calib"]),
+            "--out", str(out), "--steps", "12", "--batch-size", "3", "--lr", "1e-2", "--save-every", "4",
+            "--quiet"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    res = last_json(stdout)
+    # three fixed windows, 12 steps: the LoRA must fit them better than the QLoRA init (b = 0)
+    assert res["final_loss"] < res["first_loss"]
+    assert res["perplexity_after"] < res["perplexity_before"]
+    assert (out / "loss.png").is_file()
+
+    frozen0, lora0, *_ = load_quantized(quantized)
+    frozen1, lora1, _, meta = load_quantized(out)
+    for a, b in zip(np.asarray(frozen0["layers"][0]["q_proj"].codes), np.asarray(frozen1["layers"][0]["q_proj"].codes)):
+        np.testing.assert_array_equal(a, b)  # the quantized weights are untouched
+    assert float(np.abs(np.asarray(lora1["layers"][0]["q_proj"]["b"])).max()) > 0  # b left zero init
+    assert len(meta["finetune"]["losses"]) == 12
+
+    # eval reads the finetuned directory and agrees with the reported perplexity
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "--data", str(data["calib"]))
+    assert code == 0
+    assert abs(last_json(stdout)["perplexity"] / res["perplexity_after"] - 1) < 1e-5
+
+    # re-running the finished command resumes from the last checkpoint: same LoRA, no new steps
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0
+    again = last_json(stdout)
+    assert again["final_loss"] == res["final_loss"]
+    _, lora2, *_ = load_quantized(out)
+    np.testing.assert_array_equal(np.asarray(lora2["layers"][1]["down_proj"]["a"]),
+                                  np.asarray(lora1["layers"][1]["down_proj"]["a"]))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--model": "HF"}, "not a saved quantized model"),
+    ({"--steps": "0"}, "steps=0"),
+    ({"--data": "bad"}, "accepted: 0 <= id < 1024"),
+    ({"--data": "floats"}, "must be integers"),
+    ({"--eval": "missing.npy"}, "file not found"),
+])
+def test_finetune_errors(qlora_quantized, tiny_dir, data, tmp_path, capsys, change, message):
+    args = {"--model": str(qlora_quantized), "--data": str(data["calib"]), "--out": str(tmp_path / "o"),
+            "--steps": "2"}
+    for k, v in change.items():
+        if v == "HF":
+            v = str(tiny_dir)
+        elif v in data:
+            v = str(data[v])
+        elif v.endswith(".npy"):
+            v = str(tmp_path / v)
+        args[k] = v
+    argv = ["finetune", *[x for kv in args.items() for x in kv], "--quiet"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert err.startswith("apiq-jax finetune: error: ") and "Traceback" not in err
+
+
+def test_defaults_come_from_finetune_config():
+    """The CLI's training defaults are FinetuneConfig's field defaults (one source)."""
+    p = argparse.ArgumentParser()
+    ft_cmd.add_arguments(p)
+    args = p.parse_args(["--model", "m", "--data", "d.npy", "--out", "o"])
+    fields = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    assert args.steps == fields["steps"] == FinetuneConfig().steps
+    assert args.batch_size == fields["batch_size"]
+    assert args.lr == fields["learning_rate"]
+    assert args.warmup == fields["warmup_steps"]
+    assert args.weight_decay == fields["weight_decay"]
+    assert args.save_every == fields["save_every"]
+    assert args.seed == fields["seed"]
+    assert f"optimizer steps (default {fields['steps']})" in p.format_help()
+
+
+def test_finetune_with_the_interpret_backend(rtn_quantized, data, tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "finetune", "--model", str(rtn_quantized), "--data", str(data["calib"]),
+                                "--out", str(tmp_path / "f"), "--steps", "2", "--batch-size", "3",
+                                "--backend", "interpret", "--quiet")
+    assert code == 0, err
+    assert last_json(stdout)["backend"] == "interpret"
+
+
+def test_save_loss_plot(tmp_path):
+    path = ft_cmd.save_loss_plot([3.0, 2.5, 2.0], tmp_path / "sub" / "loss.png")
+    assert path == tmp_path / "sub" / "loss.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

@@ -1,0 +1,177 @@
+"""``apiq-jax quantize`` (apiq_jax/commands/quantize.py): quantize -> eval round trip on a tiny
+model, calibration data, resume, error cases, the LoftQ iteration constants."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+import pytest
+
+from apiq_jax.cli import main
+from apiq_jax.commands import common
+from apiq_jax.commands import quantize as qcmd
+from apiq_jax.models import load_quantized
+from apiq_jax.models.llama import LINEARS
+from apiq_jax.quant import QuantizedTensor
+from tests.commands.conftest import VOCAB, last_json, quantize_args, run_cli
+
+
+@pytest.mark.parametrize("method,calib,extra", [
+    ("rtn", "calib", ()),
+    ("apiq-bw", "text", ("--epochs", "1", "--nsamples", "2", "--seqlen", "24")),
+    ("apiq-lw", "stream", ("--epochs", "1", "--nsamples", "2", "--seqlen", "16")),
+    ("loftq", "calib", ("--num-iter", "2")),
+    ("qlora", "calib", ("--bits", "3")),
+    ("gptq", "calib", ("--bits", "4", "--scheme", "sym")),
+])
+def test_quantize_eval_round_trip(tiny_dir, data, tmp_path, capsys, method, calib, extra):
+    calib_path = data[calib]
+    out = tmp_path / method
+    code, stdout, err = run_cli(capsys, *quantize_args(tiny_dir, out, calib_path, method, *extra))
+    assert code == 0, err
+    summary = last_json(stdout)
+    bits = int(extra[extra.index("--bits") + 1]) if "--bits" in extra else 2
+    assert summary["method"] == method and summary["bits"] == bits
+    assert summary["seconds"] >= 0 and summary["bits_per_param"] > bits
+    assert len(summary["activation_errors"]) == 2
+    frozen, lora, cfg, meta = load_quantized(out)
+    assert meta["method"] == method and lora.rank == 4 and cfg.vocab_size == VOCAB
+    assert all(isinstance(frozen["layers"][0][n], QuantizedTensor) for n in LINEARS)
+    assert frozen["layers"][0]["q_proj"].bits == bits
+    assert (out / "report.json").is_file() and (out / "tokenizer.json").is_file()
+    code, stdout, err = run_cli(capsys, "eval", "--model", str(out), "--data", str(data["eval"]))
+    assert code == 0, err
+    ev = last_json(stdout)
+    assert ev["quantized"] is True and np.isfinite(ev["perplexity"]) and ev["perplexity"] > 1
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--method": "awq"}, "--method 'awq' is not supported"),
+    ({"--bits": "5"}, "--bits 5 is not supported by --method rtn"),
+    ({"--calib": "missing.npy"}, "file not found"),
+    ({"--calib": "bad"}, "out of range"),
+    ({"--calib": "floats"}, "must be integers"),
+    ({"--model": "no_such_dir"}, "directory not found"),
+    ({"--rank": "0"}, "--rank 0 must be a positive integer"),
+])
+def test_quantize_errors(tiny_dir, data, tmp_path, capsys, change, message):
+    args = quantize_args(tiny_dir, tmp_path / "o", data["calib"], "rtn")
+    for flag, value in change.items():
+        i = args.index(flag)
+        if flag == "--calib":
+            value = str(data[value]) if value in data else str(tmp_path / value)
+        elif flag == "--model":
+            value = str(tmp_path / value)
+        args[i + 1] = value
+    code, _, err = run_cli(capsys, *args)
+    assert code != 0
+    assert message in err
+    assert code == 2 and err.startswith("apiq-jax quantize: error: ") and "Traceback" not in err
+
+
+def test_quantize_option_mismatch(tiny_dir, data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["calib"], "rtn", "--epochs", "2"))
+    assert code != 0 and "--epochs applies to apiq-bw/apiq-lw only" in err
+    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["calib"], "apiq-bw",
+                                                  "--scheme", "nf"))
+    assert code != 0 and "--scheme nf is not supported by --method apiq-bw" in err
+    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["stream"], "rtn",
+                                                  "--seqlen", "600"))
+    assert code != 0 and "fewer than one window" in err
+
+
+def test_load_calibration(tiny_dir, data, tmp_path):
+    """Rows in order for 2-D ids; seeded random windows (apiq_jax.data.sample_windows) for streams."""
+    from apiq_jax.data import sample_windows, tokenize
+    from apiq_jax.models import load_tokenizer
+
+    rows = np.load(data["calib"])
+    ids = qcmd.load_calibration(data["calib"], tiny_dir, None, None, 0, 128, VOCAB)
+    np.testing.assert_array_equal(ids, rows)
+    ids = qcmd.load_calibration(data["calib"], tiny_dir, 2, 20, 0, 128, VOCAB)
+    np.testing.assert_array_equal(ids, rows[:2, :20])
+    stream = np.load(data["stream"])
+    ids = qcmd.load_calibration(data["stream"], tiny_dir, 5, 16, 3, 128, VOCAB)
+    starts = np.random.default_rng(3).integers(0, stream.size - 16 + 1, size=5)
+    np.testing.assert_array_equal(ids, np.stack([stream[s:s + 16] for s in starts]))
+    assert ids.dtype == np.int32
+    # defaults: DEFAULT_NSAMPLES windows of min(2048, max_len, tokens)
+    ids = qcmd.load_calibration(data["stream"], tiny_dir, None, None, 0, 128, VOCAB)
+    assert ids.shape == (qcmd.DEFAULT_NSAMPLES, 128)
+    text = data["text"].read_text()
+    ids = qcmd.load_calibration(data["text"], tiny_dir, 4, 24, 1, 128, VOCAB)
+    expected = sample_windows(tokenize(text, load_tokenizer(tiny_dir)), 4, 24, seed=1)
+    np.testing.assert_array_equal(ids, expected)
+    with pytest.raises(ValueError, match="--nsamples 9 exceeds the 3 rows"):
+        qcmd.load_calibration(data["calib"], tiny_dir, 9, None, 0, 128, VOCAB)
+    with pytest.raises(ValueError, match="--seqlen 40 exceeds the row length 32"):
+        qcmd.load_calibration(data["calib"], tiny_dir, None, 40, 0, 128, VOCAB)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="the text file is empty"):
+        qcmd.load_calibration(empty, tiny_dir, None, None, 0, 128, VOCAB)
+
+
+def test_loftq_iterations_come_from_one_place():
+    """quantize's default and the demo's count are the named constants of commands.common."""
+    from apiq_jax import compare
+
+    assert common.QUANTIZE_LOFTQ_ITERATIONS == 1 and common.DEMO_LOFTQ_ITERATIONS == 5
+    assert compare.LOFTQ_ITERATIONS == common.DEMO_LOFTQ_ITERATIONS  # what the demo actually runs
+    assert f"{common.DEMO_LOFTQ_ITERATIONS} it." in compare.LABELS["loftq"]
+    opts = qcmd.method_options("loftq", None, None, False)
+    assert opts["num_iter"] == common.QUANTIZE_LOFTQ_ITERATIONS
+    assert qcmd.method_options("loftq", None, 3, False)["num_iter"] == 3
+    assert "num_iter" not in qcmd.method_options("rtn", None, None, False)
+    p = argparse.ArgumentParser()
+    qcmd.add_arguments(p)
+    help_text = " ".join(p.format_help().split())
+    assert f"LoftQ alternations (default {common.QUANTIZE_LOFTQ_ITERATIONS}" in help_text
+    assert f"demo runs {common.DEMO_LOFTQ_ITERATIONS}" in help_text
+
+
+def test_interrupted_quantize_resumes_on_rerun(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    """An ApiQ run stopped after block 0 continues there when the same command is re-run."""
+    extra = ("--epochs", "1", "--nsamples", "2", "--seqlen", "16")
+    full = tmp_path / "full"
+    assert run_cli(capsys, *quantize_args(tiny_dir, full, data["stream"], "apiq-bw", *extra))[0] == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_block_0(i, report):
+        if i == 0:
+            raise Stop
+
+    original = qcmd.method_options
+
+    def interrupting(*args, **kwargs):
+        return {**original(*args, **kwargs), "on_block_end": stop_after_block_0}
+
+    out = tmp_path / "resumed"
+    argv = quantize_args(tiny_dir, out, data["stream"], "apiq-bw", *extra)
+    monkeypatch.setattr(qcmd, "method_options", interrupting)
+    with pytest.raises(Stop):
+        main(argv)
+    assert (out / qcmd.WORK_SUBDIR / "streams" / "0").is_dir()  # block 0 was checkpointed
+    monkeypatch.setattr(qcmd, "method_options", original)
+    assert run_cli(capsys, *argv)[0] == 0
+    assert not (out / qcmd.WORK_SUBDIR).exists()  # removed once the model is saved
+
+    *_, meta = load_quantized(out)
+    assert meta["report"]["extra"]["resumed_from_block"] == 1
+    _, lora_full, *_ = load_quantized(full)
+    _, lora_res, *_ = load_quantized(out)
+    for a, b in zip(jax.tree.leaves(lora_full), jax.tree.leaves(lora_res)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_draw_windows_alias_is_sample_windows():
+    from apiq_jax.data import sample_windows
+
+    stream = np.arange(300)
+    np.testing.assert_array_equal(qcmd.draw_windows(stream, 4, 16, 2, "calib"), sample_windows(stream, 4, 16, seed=2))
+    with pytest.raises(ValueError, match="calib: only 300 tokens"):
+        qcmd.draw_windows(stream, 4, 400, 0, "calib")
