@@ -26,8 +26,14 @@ import jax.numpy as jnp
 
 from apiq_jax.quant import QuantizedTensor, dequantize
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_ALIASES = {t.split("_")[0]: t for t in ALL_TARGETS}  # "q" -> "q_proj", "gate" -> "gate_proj"
+#: The attention linears of a decoder block, in the order the block applies them.
+ATTN_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: The MLP linears of a decoder block.
+MLP_LINEARS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+#: The seven linears of a decoder block: what LoRA can target and calibration quantizes.
+LINEARS: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
+
+_ALIASES = {t.split("_")[0]: t for t in LINEARS}  # "q" -> "q_proj", "gate" -> "gate_proj"
 INIT_METHODS = ("qlora", "zeros")
 
 
@@ -42,18 +48,18 @@ def normalize_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     out: list[str] = []
     for t in targets:
         if t == "all":
-            out.extend(ALL_TARGETS)
+            out.extend(LINEARS)
             continue
         name = _ALIASES.get(t, t)
-        if name not in ALL_TARGETS:
+        if name not in LINEARS:
             raise ValueError(
-                f"unknown LoRA/quantization target {t!r}; accepted: {ALL_TARGETS} "
+                f"unknown LoRA/quantization target {t!r}; accepted: {LINEARS} "
                 f"(or the short forms {tuple(_ALIASES)}, or 'all')"
             )
         out.append(name)
     if not out:
-        raise ValueError(f"targets must name at least one linear; accepted: {ALL_TARGETS}")
-    return tuple(t for t in ALL_TARGETS if t in set(out))  # canonical order, no duplicates
+        raise ValueError(f"targets must name at least one linear; accepted: {LINEARS}")
+    return tuple(t for t in LINEARS if t in set(out))  # canonical order, no duplicates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +76,7 @@ class LoraConfig:
 
     rank: int = 64
     alpha: float = 16.0
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] = LINEARS
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:

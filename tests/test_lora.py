@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from apiq_jax.lora import (
-    ALL_TARGETS,
+    LINEARS,
     Lora,
     LoraConfig,
     init_lora,
@@ -34,9 +34,9 @@ def params():
 def test_config_validation_and_aliases():
     cfg = LoraConfig(rank=8, alpha=16, targets="q,v")
     assert cfg.targets == ("q_proj", "v_proj") and cfg.scale == 2.0
-    assert LoraConfig().targets == ALL_TARGETS and LoraConfig().scale == 16 / 64
+    assert LoraConfig().targets == LINEARS and LoraConfig().scale == 16 / 64
     assert hash(cfg) == hash(LoraConfig(rank=8, alpha=16.0, targets=("v_proj", "q")))
-    assert normalize_targets("all") == ALL_TARGETS
+    assert normalize_targets("all") == LINEARS
     assert LoraConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="rank=0 must be a positive int"):
         LoraConfig(rank=0)
@@ -51,11 +51,11 @@ def test_config_validation_and_aliases():
 def test_qlora_init_shapes_and_distribution(params):
     cfg = LoraConfig(rank=16, alpha=32)
     lora = init_lora(params, cfg, jax.random.key(1))
-    assert len(lora["layers"]) == 2 and set(lora["layers"][0]) == set(ALL_TARGETS)
+    assert len(lora["layers"]) == 2 and set(lora["layers"][0]) == set(LINEARS)
     down = lora["layers"][1]["down_proj"]
     assert down["a"].shape == (72, 16) and down["b"].shape == (16, 32)
     assert num_lora_params(lora) == sum(
-        (w.shape[1] + w.shape[0]) * 16 for layer in params["layers"] for n, w in layer.items() if n in ALL_TARGETS
+        (w.shape[1] + w.shape[0]) * 16 for layer in params["layers"] for n, w in layer.items() if n in LINEARS
     )
     for layer in lora["layers"]:
         for name, ab in layer.items():

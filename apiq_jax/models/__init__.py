@@ -37,7 +37,6 @@ from apiq_jax.models.llama import (
     validate_ids,
 )
 from apiq_jax.models.quantized import (
-    DEFAULT_TARGETS,
     apply,
     dequantize_params,
     quantize_model,
@@ -47,7 +46,7 @@ from apiq_jax.models.quantized import (
 from apiq_jax.models.quantized_io import is_quantized_dir, load_quantized, save_quantized
 
 __all__ = [
-    "DEFAULT_TARGETS", "LINEARS", "LlamaForCausalLM", "ModelConfig", "QuantizedWeight", "apply",
+    "LINEARS", "LlamaForCausalLM", "ModelConfig", "QuantizedWeight", "apply",
     "block_forward", "block_outputs", "check_params", "copy_tokenizer_files",
     "dequantize_params", "embed", "final_logits", "flatten_params", "forward", "forward_embeddings",
     "hf_name", "init_params", "is_quantized_dir", "linear", "load_config", "load_hf_config",

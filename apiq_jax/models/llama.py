@@ -35,14 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apiq_jax.lora import Lora
+from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qmatmul import default_backend, qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
 
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-LINEARS = ATTN_LINEARS + MLP_LINEARS
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 Params = dict[str, Any]

@@ -15,13 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from apiq_jax.lora import ALL_TARGETS, Lora, LoraConfig, init_lora, lora_from_factors, normalize_targets
+from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora, lora_from_factors, normalize_targets
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import Params, forward, is_quantized
 from apiq_jax.qmatmul import default_backend
 from apiq_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
-
-DEFAULT_TARGETS = ALL_TARGETS
 
 # one compilation per (shape, config) instead of op-by-op dispatch; finiteness is checked
 # by quantize_params itself because quantize skips that check under tracing
@@ -32,7 +30,7 @@ def quantize_params(
     params: Mapping[str, Any],
     quant_config: QuantConfig,
     *,
-    targets: str | Sequence[str] = DEFAULT_TARGETS,
+    targets: str | Sequence[str] = LINEARS,
     clips: Mapping[str, Any] | None = None,
 ) -> Params:
     """Replace every targeted linear of ``params`` by a QuantizedTensor (RTN, or with clip logits).
