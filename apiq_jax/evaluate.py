@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (DESIGN.md protocol and a row-wise variant) and activation error.
+"""Evaluation: perplexity (the usual text protocol and a row-wise variant) and activation error.
 
 Protocols:
 
@@ -27,7 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from apiq_jax.data import check_ids, split_windows, tokenize
 from apiq_jax.lora import Lora
 from apiq_jax.models import llama
 from apiq_jax.models.config import ModelConfig
@@ -38,7 +40,7 @@ _block_outputs_jit = jax.jit(llama.block_outputs, static_argnames=("config", "ba
 
 __all__ = [
     "PerplexityResult", "activation_errors", "block_outputs", "nll_sums", "perplexity",
-    "perplexity_ids", "relative_error", "text_to_windows", "windows",
+    "perplexity_ids", "relative_error",
 ]
 
 
@@ -80,46 +82,13 @@ def _resolve(model: Any, config: ModelConfig | None) -> tuple[Mapping[str, Any],
     return model, config
 
 
-def windows(ids: Any, seqlen: int) -> np.ndarray:
-    """Cut 1-D ids into non-overlapping windows ``[n, seqlen]``; the tail is dropped.
-
-    Raises ValueError when fewer than ``seqlen`` ids are given or ``seqlen < 2``.
-    """
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        raise ValueError(f"expected 1-D token ids, got shape {arr.shape}")
-    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
-        raise ValueError(f"seqlen={seqlen!r} must be an int >= 2")
-    n = arr.size // seqlen
-    if n == 0:
-        raise ValueError(f"only {arr.size} tokens, fewer than one window of seqlen={seqlen}")
-    return arr[: n * seqlen].reshape(n, seqlen)
-
-
-def text_to_windows(text: str, tokenizer: Any, seqlen: int) -> np.ndarray:
-    """Tokenize ``text`` once (with the tokenizer's special tokens, e.g. a leading BOS) and
-    cut it into windows ``[n, seqlen]`` (tail dropped)."""
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
-    enc = tokenizer(text, add_special_tokens=True, verbose=False)
-    return windows(np.asarray(enc["input_ids"], dtype=np.int64), seqlen)
-
-
-def _check_ids(ids: Any, vocab_size: int) -> np.ndarray:
-    arr = np.asarray(ids)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+def _check_rows(ids: Any, vocab_size: int) -> np.ndarray:
+    """Token ids as int32 rows ``[n, seqlen >= 2]`` in ``[0, vocab_size)`` (ValueError otherwise)."""
+    arr = check_ids(ids, vocab_size)
     if arr.ndim != 2:
         raise ValueError(f"token ids must be [n, seqlen], got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] < 2:
         raise ValueError(f"need at least one row of >= 2 tokens, got shape {arr.shape}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        row = int(np.argwhere(arr == bad)[0][0])
-        raise ValueError(
-            f"token id {bad} (row {row}) is out of range for this model; accepted: 0 <= id < {vocab_size}"
-        )
     return arr.astype(np.int32)
 
 
@@ -149,23 +118,36 @@ def perplexity_ids(
     batch_size: int = 8,
     seqlen: int | None = None,
     backend: str | None = None,
+    progress: bool = False,
 ) -> PerplexityResult:
     """Row-wise perplexity of token ids ``[n, seqlen]``.
 
     Each row is scored on its own: NLL of ``row[1:]`` given ``row[:-1]``; the mean is over
-    all ``n * (seqlen - 1)`` predicted tokens. 1-D ids are first cut into windows of
-    ``seqlen`` (required then). The last batch is padded with zero-weight rows so one
-    compiled shape serves every batch.
+    all ``n * (seqlen - 1)`` predicted tokens. The last batch is padded with zero-weight
+    rows so one compiled shape serves every batch.
+
+    Args:
+      model: a :class:`~apiq_jax.models.LlamaForCausalLM` or a params pytree (with ``config=``).
+      ids: int token ids ``[n, seqlen]``, or 1-D ids cut into windows of ``seqlen``.
+      config: the model config (required for a params pytree).
+      lora: a :class:`~apiq_jax.lora.Lora` active in the forward, or None.
+      batch_size: rows per forward pass.
+      seqlen: window length for 1-D ids (must equal the row length for 2-D ids).
+      backend: qmatmul backend of quantized linears (None: the default).
+      progress: a tqdm bar over the batches.
+
+    Returns:
+      A :class:`PerplexityResult`.
     """
     params, cfg = _resolve(model, config)
     arr = np.asarray(ids)
     if arr.ndim == 1:
         if seqlen is None:
             raise ValueError("1-D token ids need seqlen= to be cut into windows")
-        arr = windows(arr, seqlen)
+        arr = split_windows(arr, seqlen)
     elif seqlen is not None and arr.ndim == 2 and seqlen != arr.shape[1]:
         raise ValueError(f"ids have rows of {arr.shape[1]} tokens but seqlen={seqlen}")
-    arr = _check_ids(arr, cfg.vocab_size)
+    arr = _check_rows(arr, cfg.vocab_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     n, length = arr.shape
@@ -173,7 +155,7 @@ def perplexity_ids(
     backend = backend or default_backend()
     start = time.perf_counter()
     total = 0.0
-    for i in range(0, n, bs):
+    for i in tqdm(range(0, n, bs), desc="eval", unit="batch", disable=not progress, leave=False):
         chunk = arr[i : i + bs]
         weight = np.ones(bs, np.float32)
         if chunk.shape[0] < bs:
@@ -197,20 +179,38 @@ def perplexity(
     batch_size: int = 8,
     backend: str | None = None,
 ) -> PerplexityResult:
-    """Perplexity by the DESIGN.md protocol.
+    """Perplexity of a text by the usual protocol (GPTQ, ApiQ, ...).
 
     The text (already joined into one string, e.g. ``"\\n\\n".join(dataset["text"])``) is
     tokenized once and cut into non-overlapping windows of ``seqlen`` tokens, the tail
     dropped; the mean next-token NLL over all windows is exponentiated.
+
+    Args:
+      model: a model or params pytree (see :func:`perplexity_ids`).
+      text: the evaluation text.
+      tokenizer: a Hugging Face tokenizer or a model directory holding one.
+      seqlen: window length.
+      config, lora, batch_size, backend: as for :func:`perplexity_ids`.
+
+    Returns:
+      A :class:`PerplexityResult`.
     """
     return perplexity_ids(
-        model, text_to_windows(text, tokenizer, seqlen), config=config, lora=lora,
+        model, split_windows(tokenize(text, tokenizer), seqlen), config=config, lora=lora,
         batch_size=batch_size, backend=backend,
     )
 
 
 def relative_error(x_fp: Any, x_q: Any) -> float:
-    """``||x_fp - x_q||^2 / ||x_fp||^2``, summed in float64 on the host."""
+    """``||x_fp - x_q||^2 / ||x_fp||^2``, summed in float64 on the host.
+
+    Args:
+      x_fp: the reference activations.
+      x_q: the activations of the quantized model (same shape).
+
+    Returns:
+      The relative squared error as a Python float.
+    """
     a = np.asarray(x_fp, np.float64)
     b = np.asarray(x_q, np.float64)
     return float(np.sum((a - b) ** 2) / np.sum(a * a))
@@ -229,9 +229,20 @@ def block_outputs(
 
     The inputs of :func:`activation_errors`; the last entry, passed through
     :func:`apiq_jax.models.final_logits`, gives the logits.
+
+    Args:
+      model: a model or params pytree (with ``config=``).
+      ids: int token ids ``[b, s]``.
+      config: the model config (required for a params pytree).
+      lora: a :class:`~apiq_jax.lora.Lora` or None.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      One ``[b, s, D]`` array per decoder block.
     """
     params, cfg = _resolve(model, config)
-    arr = _check_ids(ids, cfg.vocab_size)
+    arr = _check_rows(ids, cfg.vocab_size)
     mask = None if attention_mask is None else jnp.asarray(attention_mask)
     return _block_outputs_jit(params, jnp.asarray(arr), cfg, lora=lora, attention_mask=mask,
                               backend=backend or default_backend())
@@ -252,10 +263,22 @@ def activation_errors(
     For block i: ``sum ||x_fp_i - x_q_i||^2 / sum ||x_fp_i||^2`` over all rows of ``ids``
     ``[n, seqlen]``, where ``x_i`` is block i's output hidden state (see
     :func:`apiq_jax.models.block_outputs`).
+
+    Args:
+      fp_model: the full-precision model or params (the reference).
+      q_model: the quantized model or frozen params.
+      ids: int token ids ``[n, seqlen]``.
+      config: the model config (required for params pytrees).
+      lora: the quantized model's :class:`~apiq_jax.lora.Lora`, or None.
+      batch_size: rows per forward pass.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      One relative error per decoder block.
     """
     fp_params, cfg = _resolve(fp_model, config)
     q_params, _ = _resolve(q_model, cfg)
-    arr = _check_ids(ids, cfg.vocab_size)
+    arr = _check_rows(ids, cfg.vocab_size)
     num = np.zeros(cfg.num_hidden_layers)
     den = np.zeros(cfg.num_hidden_layers)
     backend = backend or default_backend()

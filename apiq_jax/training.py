@@ -22,6 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from apiq_jax.checkpoint import Checkpointer
+from apiq_jax.data import check_ids
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import forward
@@ -198,10 +199,7 @@ def finetune(
     ids = np.asarray(train_ids)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"train_ids must be a non-empty int array [n, seqlen >= 2], got shape {ids.shape}")
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise ValueError(
-            f"train_ids hold ids in [{ids.min()}, {ids.max()}]; accepted: 0 <= id < {config.vocab_size}"
-        )
+    check_ids(ids, config.vocab_size)
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
     step_fn = make_train_step(config, optimizer, loss_fn, backend=backend)
     state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.int32(0),

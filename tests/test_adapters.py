@@ -10,7 +10,7 @@ import pytest
 
 from apiq_jax.adapters import adapter_forward, adapter_loss_fn, apply_adapter, init_adapters
 from apiq_jax.demo_data import DEMO_MODEL_DIR
-from apiq_jax.lora import LoraConfig
+from apiq_jax.lora import LoraConfig, merge_lora
 from apiq_jax.models import ModelConfig, apply, forward, init_params, load_pretrained, quantize_model
 from apiq_jax.quant import QuantConfig
 from apiq_jax.training import FinetuneConfig, finetune
@@ -51,11 +51,17 @@ def test_adapter_training_on_frozen_quantized_model():
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     np.testing.assert_array_equal(np.asarray(frozen["layers"][0]["up_proj"].codes), codes)
     assert float(jnp.abs(ad["layers"][2]["up"]).max()) > 0
-    # composes with LoRA: zero adapters + LoRA equals the LoRA model
+    # composes with LoRA (b != 0, so the LoRA branch really changes the output): zero adapters +
+    # LoRA equals the LoRA model, which differs from the model without LoRA
+    lora = jax.tree.map(lambda t: t + 0.05, lora)
     x = jnp.asarray(ids[:2])
-    np.testing.assert_allclose(
-        np.asarray(adapter_forward(frozen, ad0, x, cfg_m, lora=lora)),
-        np.asarray(apply(frozen, lora, x, cfg_m)), rtol=0, atol=1e-5)
+    with_lora = np.asarray(adapter_forward(frozen, ad0, x, cfg_m, lora=lora))
+    np.testing.assert_allclose(with_lora, np.asarray(apply(frozen, lora, x, cfg_m)), rtol=0, atol=1e-5)
+    assert np.abs(with_lora - np.asarray(adapter_forward(frozen, ad0, x, cfg_m))).max() > 1e-2
+    # trained adapters + LoRA equals the adapters applied to the merged dense model
+    trained = np.asarray(adapter_forward(frozen, ad, x, cfg_m, lora=lora))
+    np.testing.assert_allclose(trained, np.asarray(adapter_forward(merge_lora(frozen, lora), ad, x, cfg_m)),
+                               rtol=0, atol=2e-4 * np.abs(trained).max())
 
 
 def test_bad_adapter_arguments():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from apiq_jax.demo_data import CALIB_MODULES, DEMO_MODEL_DIR, EVAL_MODULES, demo_text, training_modules
+from tests.conftest import require_module
 
 
 def test_bundled_model_files():
@@ -20,7 +21,7 @@ def test_bundled_model_files():
 
 
 def test_bundled_model_loads_in_transformers_and_matches_jax():
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from apiq_jax.models import load_pretrained

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apiq_jax.data import split_windows, tokenize
 from apiq_jax.evaluate import (
     PerplexityResult,
     activation_errors,
@@ -17,13 +18,11 @@ from apiq_jax.evaluate import (
     perplexity,
     perplexity_ids,
     relative_error,
-    text_to_windows,
-    windows,
 )
 from apiq_jax.lora import LoraConfig
 from apiq_jax.models import final_logits, forward, load_pretrained, load_tokenizer, quantize_model
 from apiq_jax.quant import QuantConfig
-from tests.conftest import require_shared
+from tests.conftest import require_module, require_shared
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def test_batch_padding_does_not_change_the_result(stories):
 
 
 def test_text_protocol_matches_torch(stories):
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     import transformers
 
     path, model = stories
@@ -63,7 +62,7 @@ def test_text_protocol_matches_torch(stories):
     n_tokens = len(tok(text)["input_ids"])
     res = perplexity(model, text, tok, seqlen=128, batch_size=4)
     assert res.windows == n_tokens // 128 and res.tokens == res.windows * 127
-    win = text_to_windows(text, tok, 128)
+    win = split_windows(tokenize(text, tok), 128)
     assert win[0, 0] == 1  # tokenized once: one BOS at the very start
     assert (win[1:, 0] == 1).sum() < win.shape[0] - 1  # later windows start wherever the cut falls
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -74,20 +73,14 @@ def test_text_protocol_matches_torch(stories):
     assert abs(res.perplexity / math.exp(float(nll)) - 1) < 1e-4
 
 
-def test_windows_and_input_errors(stories):
+def test_input_errors(stories):
     _, model = stories
-    w = windows(np.arange(10), 3)
-    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    with pytest.raises(ValueError, match="fewer than one window"):
-        windows(np.arange(3), 4)
-    with pytest.raises(ValueError, match="seqlen=1"):
-        windows(np.arange(3), 1)
     flat = np.load(require_shared("data", "tinystories260K", "eval.npy"))[:3].ravel()
     one_d = perplexity_ids(model, flat, seqlen=256)
     assert one_d.windows == 3
     with pytest.raises(ValueError, match="need seqlen"):
         perplexity_ids(model, flat)
-    with pytest.raises(ValueError, match=r"token id 512 \(row 1\).*0 <= id < 512"):
+    with pytest.raises(ValueError, match=r"token id 512 at position \(1, 1\).*0 <= id < 512"):
         perplexity_ids(model, np.array([[1, 2, 3], [4, 512, 5]]))
     with pytest.raises(ValueError, match="integers"):
         perplexity_ids(model, np.ones((2, 4), np.float32))

@@ -22,6 +22,7 @@ from apiq_jax.lora import (
 )
 from apiq_jax.models import ModelConfig, forward, init_params, linear
 from apiq_jax.quant import QuantConfig, quantize
+from tests.conftest import require_module
 
 CFG = ModelConfig("LlamaForCausalLM", 50, 32, 72, 2, 4, 2, 8)
 
@@ -73,7 +74,7 @@ def test_qlora_init_shapes_and_distribution(params):
 
 def test_qlora_bound_matches_torch_kaiming_uniform():
     """peft initialises lora_A [r, in] with kaiming_uniform_(a=sqrt(5)): bound 1/sqrt(in)."""
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     w = torch.empty(64, 72)
     torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
     bound = 1 / math.sqrt(72)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from apiq_jax.demo_data import DEMO_MODEL_DIR
-from apiq_jax.lora import LoraConfig
+from apiq_jax.lora import LoraConfig, merge_lora
 from apiq_jax.models import ModelConfig, forward, init_params, load_pretrained, quantize_model
 from apiq_jax.prompt_tuning import init_prompt, prompt_forward, prompt_loss_fn
 from apiq_jax.quant import QuantConfig
@@ -53,10 +53,18 @@ def test_prompt_training_on_frozen_quantized_model():
     assert prompt.shape == prompt0.shape
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses  # measured ~0.45
     np.testing.assert_array_equal(np.asarray(frozen["layers"][1]["down_proj"].codes), codes)
-    # with LoRA too: the LoRA tree is a constant of the prompt loss
+    # with LoRA too (b != 0, so the LoRA branch is active): the LoRA tree is a constant of the
+    # prompt loss, and the prompted LoRA model equals the prompted merged dense model
+    lora = jax.tree.map(lambda t: t + 0.05, lora)
+    x = jnp.asarray(ids[:2])
     loss = prompt_loss_fn(cfg_m, lora=lora)
-    g = jax.grad(loss, argnums=1)(frozen, prompt, jnp.asarray(ids[:2]))
+    g = jax.grad(loss, argnums=1)(frozen, prompt, x)
     assert g.shape == prompt.shape and float(jnp.abs(g).max()) > 0
+    with_lora = np.asarray(prompt_forward(frozen, prompt, x, cfg_m, lora=lora))
+    np.testing.assert_allclose(with_lora, np.asarray(prompt_forward(merge_lora(frozen, lora), prompt, x, cfg_m)),
+                               rtol=0, atol=2e-4 * np.abs(with_lora).max())
+    assert np.abs(with_lora - np.asarray(prompt_forward(frozen, prompt, x, cfg_m))).max() > 1e-2
+    assert abs(float(loss(frozen, prompt, x)) - float(prompt_loss_fn(cfg_m)(frozen, prompt, x))) > 1e-3
 
 
 def test_bad_prompt_arguments():

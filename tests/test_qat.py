@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apiq_jax.data import split_windows
 from apiq_jax.demo_data import DEMO_MODEL_DIR, demo_text
-from apiq_jax.evaluate import windows
 from apiq_jax.models import apply, forward, init_params, load_pretrained, load_tokenizer
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qat import qat_freeze, qat_loss_fn, qat_optimizer, qat_params, qat_split
@@ -25,7 +25,7 @@ def demo():
     tok = load_tokenizer(DEMO_MODEL_DIR)
     def ids(kind):
         stream = np.asarray(tok(demo_text(kind), verbose=False)["input_ids"])
-        return windows(stream, 128).astype(np.int32)
+        return split_windows(stream, 128)
 
     # train on all 428 calibration windows (about one pass: QAT overfits a few repeated
     # windows), measure on held-out evaluation modules

@@ -12,10 +12,6 @@ ids and ``.txt`` text (tokenized once with the model's tokenizer) are cut into
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,44 +89,6 @@ def load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
             "quantized": False}
 
 
-@contextlib.contextmanager
-def batch_progress(total: int, *, enabled: bool = True, file: Any = None) -> Iterator[Any]:
-    """A tqdm bar on stderr advanced once per scored batch of apiq_jax.evaluate.perplexity_ids.
-
-    The bar counts the calls of ``apiq_jax.evaluate.nll_sums`` (one per batch) while the
-    block runs; scores are untouched. It is off when ``enabled`` is False and, by tqdm's
-    rule, when stderr is not a terminal.
-
-    Args:
-        total: number of batches.
-        enabled: False for no bar (``--quiet``).
-        file: where the bar goes (default: ``sys.stderr``, read at call time).
-
-    Returns:
-        A context manager yielding the bar.
-    """
-    from tqdm import tqdm
-
-    from apiq_jax import evaluate
-
-    bar = tqdm(total=total, desc="eval", unit="batch", file=sys.stderr if file is None else file,
-               disable=None if enabled else True, leave=False)
-    original = getattr(evaluate, "nll_sums", None)
-    if original is not None and not bar.disable:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            bar.update(1)
-            return out
-
-        evaluate.nll_sums = counted
-    try:
-        yield bar
-    finally:
-        if original is not None:
-            evaluate.nll_sums = original
-        bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``apiq-jax eval``; prints the result JSON as the last stdout line.
 
@@ -150,13 +108,11 @@ def run(args: argparse.Namespace) -> int:
     m = load_eval_model(model_dir, args.dtype)
     ids = load_token_data(Path(args.data), "--data", model_dir=model_dir, seqlen=args.seqlen,
                           max_len=m["config"].max_position_embeddings, vocab_size=m["config"].vocab_size)
-    batches = math.ceil(ids.shape[0] / min(args.batch_size, ids.shape[0]))
     backend, prepare = compute_backend(args.backend)
-    with batch_progress(batches, enabled=not getattr(args, "quiet", False)):
-        res = perplexity_ids(
-            prepare(m["params"]), ids, config=m["config"], lora=m["lora"], batch_size=args.batch_size,
-            backend=backend,
-        )
+    res = perplexity_ids(
+        prepare(m["params"]), ids, config=m["config"], lora=m["lora"], batch_size=args.batch_size,
+        backend=backend, progress=not args.quiet,
+    )
     print_json({
         "perplexity": res.perplexity,
         "mean_nll": res.mean_nll,

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apiq_jax.data import check_ids
 from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qmatmul import default_backend, qmatmul
@@ -568,19 +569,21 @@ class LlamaForCausalLM(nnx.Module):
 def validate_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
     """Check int token ids ``[batch, seq]`` lie in ``[0, vocab_size)``; return them as int32.
 
-    Raises ValueError naming the offending value (concrete arrays only; tracers pass).
+    Args:
+      ids: token ids ``[batch, seq]`` (tracers pass unchecked).
+      vocab_size: the model's vocabulary size.
+
+    Returns:
+      The ids as an int32 jax array.
+
+    Raises ValueError naming the offending value (see :func:`apiq_jax.data.check_ids`).
     """
     if isinstance(ids, jax.core.Tracer):
         return ids
     arr = np.asarray(ids)
     if arr.ndim != 2:
         raise ValueError(f"token ids must have shape [batch, seq], got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = arr.min() if arr.min() < 0 else arr.max()
-        raise ValueError(f"token id {int(bad)} is out of range; accepted: 0 <= id < {vocab_size} (vocab_size)")
-    return jnp.asarray(arr, jnp.int32)
+    return jnp.asarray(check_ids(arr, vocab_size), jnp.int32)
 
 
 __all__: Sequence[str] = [

@@ -19,11 +19,11 @@ from apiq_jax.models import (
     load_tokenizer,
     save_pretrained,
 )
-from tests.conftest import require_shared
+from tests.conftest import require_module, require_shared
 from tests.models.hf_helpers import random_ids, save_hf_model, torch_logits
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require_module("torch")
+transformers = require_module("transformers")
 
 
 @pytest.fixture(scope="module")

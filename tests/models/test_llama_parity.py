@@ -18,10 +18,10 @@ from apiq_jax.models import (
     forward,
     load_pretrained,
 )
-from tests.conftest import require_shared
+from tests.conftest import require_module, require_shared
 from tests.models.hf_helpers import TINY, random_ids, save_hf_model, torch_logits
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch")
 
 TOL = 1e-4
 
