@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DATA_SUFFIXES", "check_ids", "data_suffix", "load_ids", "load_tokens", "read_text",
+    "DATA_SUFFIXES", "check_ids", "data_suffix", "load_ids", "load_tokenizer", "load_tokens", "read_text",
     "sample_windows", "split_windows", "tokenize", "windows",
 ]
 
@@ -126,12 +126,36 @@ def read_text(path: str | os.PathLike, *, name: str | None = None) -> str:
     return text
 
 
-def _as_tokenizer(tokenizer: Any) -> Any:
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from apiq_jax.models import load_tokenizer
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """``transformers.AutoTokenizer`` from a local model directory (no download).
 
-        return load_tokenizer(tokenizer)
-    return tokenizer
+    Args:
+        path: a directory holding ``tokenizer.json`` (or ``tokenizer.model`` / ``vocab.json``).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: no such directory, or no tokenizer files in it.
+        ValueError: transformers cannot read the files.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model directory not found: {p}")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(
+            f"no tokenizer files in {p}; expected tokenizer.json (or tokenizer.model / vocab.json)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"cannot load the tokenizer from {p}: {e}") from e
+
+
+def _as_tokenizer(tokenizer: Any) -> Any:
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
 def tokenize(text: str, tokenizer: Any) -> np.ndarray:

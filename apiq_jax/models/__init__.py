@@ -7,6 +7,7 @@ the NNX facade. :mod:`~apiq_jax.models.hf_io` reads and writes HF directories,
 :mod:`~apiq_jax.models.quantized_io` saves it.
 """
 
+from apiq_jax.data import load_tokenizer  # re-exported: models are loaded with their tokenizer
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.hf_io import (
     copy_tokenizer_files,
@@ -15,7 +16,6 @@ from apiq_jax.models.hf_io import (
     load_hf_config,
     load_params,
     load_pretrained,
-    load_tokenizer,
     save_pretrained,
 )
 from apiq_jax.models.llama import (

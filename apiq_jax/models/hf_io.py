@@ -114,21 +114,6 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{Path(path) / CONFIG_FILE}: {e}") from e
 
 
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """``transformers.AutoTokenizer`` from the local directory ``path``."""
-    from transformers import AutoTokenizer
-
-    p = _check_dir(path)
-    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise FileNotFoundError(
-            f"no tokenizer files in {p}; expected tokenizer.json (or tokenizer.model / vocab.json)"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"cannot load the tokenizer from {p}: {e}") from e
-
-
 # --- weights ------------------------------------------------------------------------------
 def _weight_files(p: Path) -> dict[str, list[str] | None]:
     """File name -> keys it should hold (None: whatever the single file holds)."""
@@ -220,8 +205,25 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaF
     """Load a local HF Llama/Mistral/Qwen2 directory as a :class:`LlamaForCausalLM` (NNX).
 
     ``config.json`` is read with ``AutoConfig``; weights from ``model.safetensors`` or the
-    sharded ``model.safetensors.index.json``. ``dtype`` is "float32", "bfloat16" or
-    "float16". The result is callable on int32 ids ``[batch, seq]`` -> logits.
+    sharded ``model.safetensors.index.json``. The result is callable on int32 ids
+    ``[batch, seq]`` -> logits.
+
+    Args:
+      path: the model directory.
+      dtype: "float32", "bfloat16" or "float16" (the parameters' and the compute dtype).
+
+    Returns:
+      A :class:`LlamaForCausalLM` (``.params`` the pytree, ``.config`` the ModelConfig).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from apiq_jax import load_pretrained
+      >>> from apiq_jax.demo_data import DEMO_MODEL_DIR      # the bundled 1M-parameter Llama
+      >>> model = load_pretrained(DEMO_MODEL_DIR)
+      >>> model.config.num_hidden_layers, model.config.vocab_size
+      (4, 1024)
+      >>> model(jnp.zeros((1, 8), jnp.int32)).shape
+      (1, 8, 1024)
     """
     hf_config = load_hf_config(path)
     try:

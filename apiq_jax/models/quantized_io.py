@@ -69,7 +69,24 @@ def save_quantized(
       metadata: JSON-able dict stored verbatim (method, calibration settings, ...).
       tokenizer_source: directory whose tokenizer files are copied over.
       hf_config: transformers config to write (default: built from ``model_config``).
+
+    Returns:
+      ``out_dir`` as a Path.
+
     Raises ValueError for params that do not fit ``model_config`` or non-JSON metadata.
+
+    Example:
+      >>> import tempfile, jax
+      >>> from apiq_jax import LoraConfig, QuantConfig, load_pretrained, load_quantized, quantize_model
+      >>> from apiq_jax.demo_data import DEMO_MODEL_DIR
+      >>> model = load_pretrained(DEMO_MODEL_DIR)
+      >>> frozen, lora = quantize_model(model.params, QuantConfig(bits=2, group_size=64),
+      ...                               LoraConfig(rank=8), key=jax.random.key(0))
+      >>> out = save_quantized(tempfile.mkdtemp(), frozen, lora, model.config, {"method": "rtn"},
+      ...                      tokenizer_source=DEMO_MODEL_DIR)   # the tokenizer too: `apiq-jax eval` reads text
+      >>> frozen2, lora2, config2, meta = load_quantized(out)
+      >>> lora2.config == lora.config, meta
+      (True, {'method': 'rtn'})
     """
     check_params(frozen, model_config)
     if lora is not None and not isinstance(lora, Lora):
