@@ -34,6 +34,7 @@ from apiq_jax.calibration import (
     qlora_init,
     rtn_init,
 )
+from apiq_jax.data import windows
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
 from apiq_jax.lora import Lora, LoraConfig, init_lora, lora_from_factors, merge_lora
 from apiq_jax.models import (
@@ -68,5 +69,5 @@ __all__ = [
     "fake_quantize", "finetune", "get_method", "gptq_init", "init_lora", "init_prompt", "load_pretrained",
     "load_quantized", "load_tokenizer", "loftq_init", "lora_from_factors", "merge_lora",
     "perplexity", "perplexity_ids", "prompt_forward", "prompt_loss_fn", "qat_freeze", "qat_loss_fn", "qat_optimizer", "qat_split", "qlora_init", "quantize", "quantize_model", "rtn_init",
-    "save_pretrained", "save_quantized",
+    "save_pretrained", "save_quantized", "windows",
 ]
