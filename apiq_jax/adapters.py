@@ -27,7 +27,21 @@ Adapters = dict[str, list[dict[str, jnp.ndarray]]]
 
 
 def init_adapters(config: ModelConfig, bottleneck: int, *, key: jax.Array, std: float = 1e-3) -> Adapters:
-    """Adapters for every block: ``down ~ N(0, std^2)``, ``up = 0`` (identity at init), float32."""
+    """Adapters for every block: ``down ~ N(0, std^2)``, ``up = 0`` (identity at init), float32.
+
+    Args:
+      config: the model config (its ``hidden_size`` D and ``num_hidden_layers``).
+      bottleneck: r, the inner width of every adapter.
+      key: a jax PRNG key (split per block).
+      std: standard deviation of the ``down`` initialisation.
+
+    Returns:
+      ``{"layers": [{"down": [D, r], "down_bias": [r], "up": [r, D], "up_bias": [D]}, ...]}``,
+      one entry per decoder block, all float32 (biases zero).
+
+    Raises:
+      ValueError: ``bottleneck`` is not a positive int.
+    """
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck={bottleneck!r} must be a positive int")
     d = config.hidden_size
@@ -42,7 +56,15 @@ def init_adapters(config: ModelConfig, bottleneck: int, *, key: jax.Array, std: 
 
 
 def apply_adapter(adapter: Mapping[str, jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
-    """``x + up(gelu(down(x)))`` for hidden states ``x [..., D]`` (computed in float32)."""
+    """``x + up(gelu(down(x)))`` for hidden states ``x [..., D]`` (computed in float32).
+
+    Args:
+      adapter: one block's adapter ``{"down": [D, r], "down_bias": [r], "up": [r, D], "up_bias": [D]}``.
+      x: hidden states ``[..., D]``.
+
+    Returns:
+      The adapted hidden states, with ``x``'s shape and dtype.
+    """
     h = x.astype(jnp.float32)
     z = jax.nn.gelu(h @ adapter["down"] + adapter["down_bias"])
     return (h + z @ adapter["up"] + adapter["up_bias"]).astype(x.dtype)
@@ -57,7 +79,22 @@ def adapter_forward(
     lora: Lora | None = None,
     backend: str | None = None,
 ) -> jnp.ndarray:
-    """Logits ``[b, s, V]`` of ``ids [b, s]`` with an adapter after every decoder block."""
+    """Logits ``[b, s, V]`` of ``ids [b, s]`` with an adapter after every decoder block.
+
+    Args:
+      params: the frozen model params (dense or QuantizedTensor linears).
+      adapters: the adapters of :func:`init_adapters`, one per decoder block.
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      lora: the model's :class:`~apiq_jax.lora.Lora`, active in the linears, or None.
+      backend: qmatmul backend of quantized linears (None: the default).
+
+    Returns:
+      Logits ``[b, s, V]`` in the embedding's dtype.
+
+    Raises:
+      ValueError: ``adapters`` does not hold one entry per decoder block.
+    """
     if len(adapters.get("layers", [])) != config.num_hidden_layers:
         raise ValueError(
             f"adapters hold {len(adapters.get('layers', []))} layers; the model has {config.num_hidden_layers}"
@@ -73,7 +110,18 @@ def adapter_forward(
 def adapter_loss_fn(
     config: ModelConfig, *, lora: Lora | None = None, backend: str | None = None
 ) -> Callable[[Mapping[str, Any], Adapters, jnp.ndarray], jnp.ndarray]:
-    """``loss(frozen, adapters, ids)``: mean next-token NLL with the adapters active."""
+    """``loss(frozen, adapters, ids)``: mean next-token NLL with the adapters active.
+
+    Args:
+      config: the model config.
+      lora: a :class:`~apiq_jax.lora.Lora` applied in the forward but not trained (it is
+        a constant of the loss), or None.
+      backend: qmatmul backend of quantized linears (None: the default).
+
+    Returns:
+      ``loss(frozen, adapters, ids)`` returning a float32 scalar, for
+      ``finetune(..., loss_fn=...)``; gradients are stopped at ``frozen``.
+    """
 
     def loss(frozen: Mapping[str, Any], adapters: Adapters, ids: jnp.ndarray) -> jnp.ndarray:
         frozen = jax.tree.map(jax.lax.stop_gradient, frozen)

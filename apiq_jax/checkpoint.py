@@ -16,7 +16,15 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves and restores pytrees by step under ``directory`` (keeps the last ``max_to_keep``)."""
+    """Saves and restores pytrees by step under ``directory`` (keeps the last ``max_to_keep``).
+
+    Args:
+      directory: the checkpoint directory (created if needed).
+      max_to_keep: how many of the newest steps to keep on disk.
+
+    Raises:
+      ValueError: ``max_to_keep`` is below 1.
+    """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2) -> None:
         if max_to_keep < 1:
@@ -28,20 +36,46 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
-        """The newest saved step, or None when nothing was saved yet."""
+        """The newest saved step, or None when nothing was saved yet.
+
+        Returns:
+          The step number, or None.
+        """
         return self._manager.latest_step()
 
     def save(self, step: int, tree: Any) -> None:
-        """Save ``tree`` at ``step`` and wait until it is on disk (a crash right after keeps it)."""
+        """Save ``tree`` at ``step`` and wait until it is on disk (a crash right after keeps it).
+
+        Args:
+          step: the step number to save under.
+          tree: the pytree to save (arrays and Python scalars).
+
+        Returns:
+          None.
+        """
         self._manager.save(step, args=ocp.args.StandardSave(tree))
         self._manager.wait_until_finished()
 
     def restore(self, step: int, template: Any) -> Any:
-        """Restore the pytree saved at ``step`` into the structure/dtypes of ``template``."""
+        """Restore the pytree saved at ``step`` into the structure/dtypes of ``template``.
+
+        Args:
+          step: a saved step (e.g. :meth:`latest_step`).
+          template: a pytree with the structure, shapes and dtypes to restore into (its
+            values are not read).
+
+        Returns:
+          The restored pytree, structured like ``template``.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
+        """Close the underlying checkpoint manager (done on leaving a ``with`` block too).
+
+        Returns:
+          None.
+        """
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

@@ -167,6 +167,9 @@ def tokenize(text: str, tokenizer: Any) -> np.ndarray:
 
     Returns:
         1-D int64 ids (e.g. a leading BOS, then the text's tokens).
+
+    Raises:
+        ValueError: ``text`` is not a str; see :func:`load_tokenizer` for a directory.
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")

@@ -68,7 +68,11 @@ class PerplexityResult:
         return self.perplexity
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of all fields."""
+        """JSON-able dict of all fields.
+
+        Returns:
+          ``{"perplexity", "mean_nll", "tokens", "windows", "seqlen", "seconds"}``.
+        """
         return dataclasses.asdict(self)
 
 
@@ -101,7 +105,21 @@ def nll_sums(
     config: ModelConfig,
     backend: str | None = None,
 ) -> jnp.ndarray:
-    """Sum over rows (weighted by ``row_weight`` [b]) of the NLL of ``ids[:, 1:]`` given the prefix."""
+    """Sum over rows (weighted by ``row_weight`` [b]) of the NLL of ``ids[:, 1:]`` given the prefix.
+
+    Jitted with ``config`` and ``backend`` static.
+
+    Args:
+      params: the model params (dense or frozen).
+      lora: a :class:`~apiq_jax.lora.Lora` active in the forward, or None.
+      ids: int token ids ``[b, s]``.
+      row_weight: float weights ``[b]`` (1 for real rows, 0 for padding rows).
+      config: the model config.
+      backend: qmatmul backend of quantized linears (None: the default).
+
+    Returns:
+      A float32 scalar: the weighted sum over rows of the summed per-token NLLs (nats).
+    """
     logits = forward(params, lora, ids, config, backend=backend)[:, :-1].astype(jnp.float32)
     targets = ids[:, 1:]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -138,6 +156,12 @@ def perplexity_ids(
 
     Returns:
       A :class:`PerplexityResult`.
+
+    Raises:
+      ValueError: a params pytree without ``config``, 1-D ids without ``seqlen``, a
+        ``seqlen`` that differs from the row length of 2-D ids, ids that are not integers
+        in ``[0, vocab_size)`` or not at least one row of >= 2 tokens, or a
+        ``batch_size`` that is not a positive int.
     """
     params, cfg = _resolve(model, config)
     arr = np.asarray(ids)
@@ -194,6 +218,9 @@ def perplexity(
 
     Returns:
       A :class:`PerplexityResult`.
+
+    Raises:
+      ValueError: too little text for one window, or see :func:`perplexity_ids`.
     """
     return perplexity_ids(
         model, split_windows(tokenize(text, tokenizer), seqlen), config=config, lora=lora,
@@ -240,6 +267,10 @@ def block_outputs(
 
     Returns:
       One ``[b, s, D]`` array per decoder block.
+
+    Raises:
+      ValueError: a params pytree without ``config``, or ids that are not ``[b, s >= 2]``
+        integers in ``[0, vocab_size)``.
     """
     params, cfg = _resolve(model, config)
     arr = _check_rows(ids, cfg.vocab_size)
@@ -275,6 +306,10 @@ def activation_errors(
 
     Returns:
       One relative error per decoder block.
+
+    Raises:
+      ValueError: a params pytree without ``config``, or ids that are not ``[n, seqlen >= 2]``
+        integers in ``[0, vocab_size)``.
     """
     fp_params, cfg = _resolve(fp_model, config)
     q_params, _ = _resolve(q_model, cfg)

@@ -41,7 +41,17 @@ INIT_METHODS = ("qlora", "zeros")
 def normalize_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     """Canonical target names from names or short aliases ("q", "gate", ...) or "all".
 
-    Accepts a comma-separated string too. Raises ValueError naming the unknown entry.
+    Accepts a comma-separated string too.
+
+    Args:
+      targets: names or aliases (``("q_proj", "v")``), ``"all"``, or one string such as
+        ``"q,k,v"``.
+
+    Returns:
+      The canonical names in :data:`LINEARS` order, without duplicates.
+
+    Raises:
+      ValueError: an unknown entry (named in the message), or no entry at all.
     """
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -94,12 +104,27 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
+        """JSON-able form.
+
+        Returns:
+          ``{"rank": int, "alpha": float, "targets": [str, ...]}``.
+        """
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+          d: a mapping with ``"rank"``, ``"alpha"`` and ``"targets"``.
+
+        Returns:
+          The :class:`LoraConfig`.
+
+        Raises:
+          KeyError: a missing field.
+          ValueError: an invalid rank, alpha or target.
+        """
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]))
 
 
@@ -160,7 +185,15 @@ class Lora:
         return Lora(sub, self.config) if isinstance(sub, (Mapping, list, tuple)) else sub
 
     def get(self, key: Any, default: Any = None) -> Any:
-        """``self[key]`` when present, else ``default``."""
+        """``self[key]`` when present, else ``default``.
+
+        Args:
+          key: a key or list index of ``factors``.
+          default: the value returned when ``key`` is absent.
+
+        Returns:
+          A sub-tree ``Lora`` (same config), an array for a leaf, or ``default``.
+        """
         try:
             return self[key]
         except (KeyError, IndexError, TypeError):
@@ -179,19 +212,41 @@ class Lora:
         return (self[i] for i in range(len(self.factors)))
 
     def keys(self) -> Any:
-        """Keys of a mapping-level ``factors``."""
+        """Keys of a mapping-level ``factors``.
+
+        Returns:
+          ``factors.keys()`` (e.g. the targeted linears of a one-layer ``Lora``).
+        """
         return self.factors.keys()
 
     def items(self) -> list[tuple[Any, Any]]:
-        """``(key, self[key])`` pairs of a mapping-level ``factors``."""
+        """``(key, self[key])`` pairs of a mapping-level ``factors``.
+
+        Returns:
+          A list of ``(key, sub-tree)`` pairs (a ``Lora`` for a container, an array for a leaf).
+        """
         return [(k, self[k]) for k in self.factors]
 
     def replace(self, factors: Any) -> "Lora":
-        """The same config with other factors."""
+        """The same config with other factors.
+
+        Args:
+          factors: the new factor tree.
+
+        Returns:
+          ``Lora(factors, self.config)``.
+        """
         return Lora(factors, self.config)
 
     def astype(self, dtype: Any) -> "Lora":
-        """Every factor cast to ``dtype``."""
+        """Every factor cast to ``dtype``.
+
+        Args:
+          dtype: the target dtype.
+
+        Returns:
+          A new ``Lora`` with the same config.
+        """
         return self.replace(jax.tree.map(lambda x: jnp.asarray(x, dtype), self.factors))
 
 
@@ -240,6 +295,10 @@ def init_lora(
     Returns:
       A :class:`Lora` over ``config.targets`` of every layer.
 
+    Raises:
+      ValueError: an unknown ``method``, params without a ``"layers"`` list, a layer
+        without a targeted linear, or a weight that is not 2-D.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> params = {"layers": [{"q_proj": jnp.zeros((8, 16))}]}
@@ -281,7 +340,21 @@ def lora_from_factors(
     ``factors`` is either a :class:`Lora`, a nested tree (``{"layers": [{name: {"a", "b"}}]}``) or a flat
     mapping ``{"layers.<i>.<name>": (a, b)}`` / ``{"layers.<i>.<name>": {"a", "b"}}``.
     Each ``a`` must be ``[in, rank]`` and ``b`` ``[rank, out]`` for that linear; every
-    targeted linear must be given. Raises ValueError naming the bad entry.
+    targeted linear must be given.
+
+    Args:
+      params: the model params (``params["layers"][i][name]`` is a 2-D ``[out, in]`` weight).
+      config: rank, alpha and targets.
+      factors: the factors, in one of the forms above.
+      dtype: dtype of the returned factors.
+
+    Returns:
+      A :class:`Lora` over ``config.targets`` of every layer.
+
+    Raises:
+      ValueError: missing or unexpected entries, a factor of the wrong shape (the
+        message names the bad entry), params without a ``"layers"`` list, or a weight
+        that is not 2-D.
     """
     layers = _layers(params)
     if isinstance(factors, Lora):
@@ -321,7 +394,14 @@ def lora_from_factors(
 
 
 def lora_delta(lora: Lora) -> jnp.ndarray:
-    """Dense ``[out, in]`` update ``lora.scale * (a @ b).T`` of a one-linear :class:`Lora`."""
+    """Dense ``[out, in]`` update ``lora.scale * (a @ b).T`` of a one-linear :class:`Lora`.
+
+    Args:
+      lora: a one-linear ``Lora`` (``a [in, r]``, ``b [r, out]``).
+
+    Returns:
+      The update ``[out, in]``, float32.
+    """
     a = lora.a.astype(jnp.float32)
     b = lora.b.astype(jnp.float32)
     return lora.scale * (a @ b).T
@@ -339,6 +419,10 @@ def merge_lora(params: Mapping[str, Any], lora: Lora) -> dict[str, Any]:
 
     Returns:
       The params with every targeted linear dense and merged.
+
+    Raises:
+      ValueError: ``lora`` is not a :class:`Lora`, its layer count differs from the
+        params', or it targets a linear the params do not have.
     """
     if not isinstance(lora, Lora):
         raise ValueError(f"lora must be an apiq_jax.lora.Lora, got {type(lora).__name__}")
@@ -361,5 +445,12 @@ def merge_lora(params: Mapping[str, Any], lora: Lora) -> dict[str, Any]:
 
 
 def num_lora_params(lora: Lora) -> int:
-    """Total number of trainable LoRA values."""
+    """Total number of trainable LoRA values.
+
+    Args:
+      lora: a :class:`Lora` (or any pytree of factors).
+
+    Returns:
+      The number of scalars over all its leaves.
+    """
     return sum(int(x.size) for x in jax.tree.leaves(lora))

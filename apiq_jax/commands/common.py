@@ -109,6 +109,9 @@ def compute_backend(name: str | None) -> tuple[str, Callable[[Any], Any]]:
 
     Returns:
         (resolved backend name, preparer).
+
+    Raises:
+        ValueError: an unknown name, or "pallas" without a GPU/TPU.
     """
     from apiq_jax.qmatmul import prepare_params, resolve_backend
 

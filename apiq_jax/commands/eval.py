@@ -97,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         Exit code 0.
+
+    Raises:
+        ValueError: a non-positive ``--batch-size``, a ``--seqlen`` below 2, and the
+            model and data errors of :func:`load_eval_model` and
+            :func:`~apiq_jax.commands.common.load_token_data`.
+        FileNotFoundError: a missing model directory or data file.
     """
     from apiq_jax.evaluate import perplexity_ids
 

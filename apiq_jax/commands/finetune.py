@@ -113,6 +113,13 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         Exit code 0.
+
+    Raises:
+        FileNotFoundError: a missing ``--model`` directory or data file.
+        ValueError: ``--model`` is not a saved quantized model or holds no LoRA, a
+            ``--seqlen`` below 2, invalid training settings (see
+            :class:`~apiq_jax.training.FinetuneConfig`), and the data errors of
+            :func:`~apiq_jax.commands.common.load_token_data`.
     """
     from apiq_jax.evaluate import perplexity_ids
     from apiq_jax.models import is_quantized_dir, load_quantized, save_quantized

@@ -122,6 +122,16 @@ class ModelConfig:
         """Sliding-window size for layer ``layer_idx`` (None means full causal attention).
 
         When the layers differ, ``layer_idx`` is required; a uniform config ignores it.
+
+        Args:
+          layer_idx: the decoder layer's index, or None.
+
+        Returns:
+          The window in tokens, or None.
+
+        Raises:
+          ValueError: a config that mixes full and sliding-window layers and ``layer_idx``
+            None or outside ``[0, num_hidden_layers)``.
         """
         if self.sliding_window is None or self.layer_types is None:
             return None
@@ -141,6 +151,9 @@ class ModelConfig:
         """RoPE inverse frequencies ``[head_dim / 2]`` (float32 numpy), scaling applied.
 
         Mirrors transformers' ``ROPE_INIT_FUNCTIONS`` for "default", "linear" and "llama3".
+
+        Returns:
+          A float32 numpy array ``[head_dim // 2]``.
         """
         import numpy as np
 
@@ -169,8 +182,16 @@ class ModelConfig:
     def from_hf(cls, hf_config: Any) -> "ModelConfig":
         """Build from a ``transformers`` config object (LlamaConfig, MistralConfig, Qwen2Config).
 
-        Raises ValueError for architectures, activations and RoPE variants this decoder
-        does not implement, naming the value and what is accepted.
+        Args:
+          hf_config: the config object (anything with the same attributes).
+
+        Returns:
+          The :class:`ModelConfig`.
+
+        Raises:
+          ValueError: architectures, activations and RoPE variants this decoder does not
+            implement (partial rotary factors included), naming the value and what is
+            accepted; or field values :class:`ModelConfig` rejects.
         """
         archs = list(getattr(hf_config, "architectures", None) or [])
         model_type = getattr(hf_config, "model_type", None)
@@ -239,7 +260,12 @@ class ModelConfig:
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """Keyword arguments for the matching ``transformers`` config class."""
+        """Keyword arguments for the matching ``transformers`` config class.
+
+        Returns:
+          A dict of HF field names (``architectures``, the sizes, ``rope_parameters``, the
+          token ids, ...) plus the architecture's own bias or sliding-window fields.
+        """
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_type in ("linear", "llama3"):
             rope["factor"] = self.rope_factor
@@ -280,7 +306,11 @@ class ModelConfig:
         return out
 
     def to_hf(self) -> Any:
-        """A ``transformers`` config object (LlamaConfig / MistralConfig / Qwen2Config)."""
+        """A ``transformers`` config object (LlamaConfig / MistralConfig / Qwen2Config).
+
+        Returns:
+          ``AutoConfig.for_model(model_type, **to_hf_dict())``.
+        """
         from transformers import AutoConfig
 
         kwargs = self.to_hf_dict()

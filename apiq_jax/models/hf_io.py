@@ -49,7 +49,19 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 # --- names --------------------------------------------------------------------------------
 def hf_name(name: str) -> str:
     """Our flat parameter name -> the HF safetensors key (``"layers.0.q_proj"`` ->
-    ``"model.layers.0.self_attn.q_proj.weight"``)."""
+    ``"model.layers.0.self_attn.q_proj.weight"``).
+
+    Args:
+      name: a flat name of :func:`~apiq_jax.models.llama.param_shapes`: ``"embed_tokens"``,
+        ``"norm"``, ``"lm_head"`` or ``"layers.<i>.<leaf>"`` (``"<linear>_bias"`` maps to
+        the linear's ``.bias``).
+
+    Returns:
+      The HF key.
+
+    Raises:
+      ValueError: ``name`` is not a model parameter name.
+    """
     if name == "embed_tokens":
         return "model.embed_tokens.weight"
     if name == "norm":
@@ -71,7 +83,17 @@ def hf_name(name: str) -> str:
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """``"float32"``/``"bfloat16"``/``"float16"`` or a numpy/jax dtype -> jnp dtype."""
+    """``"float32"``/``"bfloat16"``/``"float16"`` or a numpy/jax dtype -> jnp dtype.
+
+    Args:
+      dtype: a dtype name or dtype object.
+
+    Returns:
+      The dtype, one of :data:`DTYPES`.
+
+    Raises:
+      ValueError: ``dtype`` is not understood or not one of :data:`DTYPES`.
+    """
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
@@ -92,7 +114,18 @@ def _check_dir(path: str | os.PathLike) -> Path:
 
 
 def load_hf_config(path: str | os.PathLike) -> Any:
-    """``transformers.AutoConfig`` from ``path/config.json`` (local only)."""
+    """``transformers.AutoConfig`` from ``path/config.json`` (local only).
+
+    Args:
+      path: the model directory.
+
+    Returns:
+      The ``transformers`` config object.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory or has no ``config.json``.
+      ValueError: ``config.json`` cannot be read.
+    """
     from transformers import AutoConfig
 
     p = _check_dir(path)
@@ -106,7 +139,18 @@ def load_hf_config(path: str | os.PathLike) -> Any:
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    """:class:`ModelConfig` of the HF directory ``path`` (ValueError for unsupported models)."""
+    """:class:`ModelConfig` of the HF directory ``path`` (ValueError for unsupported models).
+
+    Args:
+      path: the model directory.
+
+    Returns:
+      The :class:`ModelConfig`.
+
+    Raises:
+      FileNotFoundError: see :func:`load_hf_config`.
+      ValueError: an unreadable or unsupported config (the message names ``config.json``).
+    """
     hf = load_hf_config(path)
     try:
         return ModelConfig.from_hf(hf)
@@ -143,9 +187,20 @@ def load_params(
 ) -> Params:
     """Read the weights of the HF directory ``path`` into a params pytree of ``dtype``.
 
-    Streams tensor by tensor. Raises FileNotFoundError for missing files and ValueError
-    naming the file and key for unreadable files, missing, unexpected or wrongly shaped
-    tensors.
+    Streams tensor by tensor.
+
+    Args:
+      path: the model directory.
+      config: the model config (default: read from ``path/config.json``).
+      dtype: "float32", "bfloat16" or "float16" (every tensor is converted to it).
+
+    Returns:
+      The nested params pytree (see :mod:`apiq_jax.models.llama`).
+
+    Raises:
+      FileNotFoundError: missing directory, config, weight files or shards.
+      ValueError: naming the file and key: unreadable files, missing, unexpected or
+        wrongly shaped tensors; or an unsupported ``dtype``.
     """
     p = _check_dir(path)
     config = load_config(p) if config is None else config
@@ -215,6 +270,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaF
     Returns:
       A :class:`LlamaForCausalLM` (``.params`` the pytree, ``.config`` the ModelConfig).
 
+    Raises:
+      FileNotFoundError, ValueError: see :func:`load_params`.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from apiq_jax import load_pretrained
@@ -263,6 +321,13 @@ def save_pretrained(
       hf_config: transformers config to write (default: the model's own, else built from
         ``config``).
       tokenizer_source: directory whose tokenizer files are copied over.
+
+    Returns:
+      ``out_dir`` as a Path.
+
+    Raises:
+      ValueError: a params pytree without ``config``, params that do not match the
+        config, or an unsupported ``dtype``.
     """
     if isinstance(model_or_params, LlamaForCausalLM):
         params = model_or_params.params
@@ -299,7 +364,18 @@ def save_pretrained(
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer (and generation config) files present in ``src`` to ``dst``."""
+    """Copy the tokenizer (and generation config) files present in ``src`` to ``dst``.
+
+    Args:
+      src: the model directory to copy from.
+      dst: an existing directory to copy into.
+
+    Returns:
+      The names of the files copied (those of :data:`TOKENIZER_FILES` present in ``src``).
+
+    Raises:
+      FileNotFoundError: ``src`` is not a directory.
+    """
     s = _check_dir(src)
     copied = []
     for name in TOKENIZER_FILES:

@@ -46,13 +46,27 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 Params = dict[str, Any]
 
 def is_quantized(w: Any) -> bool:
-    """True for a :class:`QuantizedTensor` leaf."""
+    """True for a :class:`QuantizedTensor` leaf.
+
+    Args:
+      w: a params leaf.
+
+    Returns:
+      Whether ``w`` is a QuantizedTensor.
+    """
     return isinstance(w, QuantizedTensor)
 
 
 # --- shapes and flat names ----------------------------------------------------------------
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``[out, in]`` shape of each of the seven linears of one decoder layer."""
+    """``[out, in]`` shape of each of the seven linears of one decoder layer.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      ``{name: (out, in)}`` for the names of :data:`~apiq_jax.lora.LINEARS`.
+    """
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     return {
@@ -62,7 +76,15 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of one decoder layer (biases included where the config has them)."""
+    """Every parameter of one decoder layer (biases included where the config has them).
+
+    Args:
+      config: the model config.
+
+    Returns:
+      ``{name: shape}``: the two norms ``(D,)``, the seven linears ``(out, in)`` and a
+      ``"<linear>_bias"`` ``(out,)`` for each biased linear.
+    """
     shapes: dict[str, tuple[int, ...]] = {
         "input_layernorm": (config.hidden_size,),
         "post_attention_layernorm": (config.hidden_size,),
@@ -82,7 +104,14 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flat name (``"layers.3.q_proj"``) -> shape of every parameter the model needs."""
+    """Flat name (``"layers.3.q_proj"``) -> shape of every parameter the model needs.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      ``{flat_name: shape}``; ``"lm_head"`` only when the embeddings are not tied.
+    """
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (config.vocab_size, config.hidden_size)}
     layer = layer_param_shapes(config)
     for i in range(config.num_hidden_layers):
@@ -98,6 +127,13 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
     QuantizedTensor values are kept whole (they are leaves here). LoRA ``{"a", "b"}``
     dicts flatten to ``"layers.0.q_proj.a"`` / ``".b"``.
+
+    Args:
+      params: nested dicts and lists (the params, or a LoRA factor tree such as
+        ``lora.factors``); None values are skipped.
+
+    Returns:
+      ``{dotted_name: leaf}`` in traversal order.
     """
     flat: dict[str, Any] = {}
 
@@ -118,7 +154,18 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> Params:
-    """Inverse of :func:`flatten_params`: ``"layers.<i>.<rest>"`` keys become a list of dicts."""
+    """Inverse of :func:`flatten_params`: ``"layers.<i>.<rest>"`` keys become a list of dicts.
+
+    Args:
+      flat: ``{dotted_name: leaf}``.
+
+    Returns:
+      The nested params; ``"layers"`` is a list ordered by layer index.
+
+    Raises:
+      ValueError: a ``"layers."`` key without an integer index and a name, or layer
+        indices with gaps.
+    """
     out: dict[str, Any] = {}
     layers: dict[int, dict[str, Any]] = {}
     for key, value in flat.items():
@@ -143,7 +190,18 @@ def unflatten_params(flat: Mapping[str, Any]) -> Params:
 
 
 def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
-    """Raise ValueError naming every missing, unexpected or wrongly shaped parameter."""
+    """Raise ValueError naming every missing, unexpected or wrongly shaped parameter.
+
+    Args:
+      params: the params pytree (an ``"lm_head": None`` entry counts as absent).
+      config: the model config (see :func:`param_shapes`).
+
+    Returns:
+      None.
+
+    Raises:
+      ValueError: ``params`` is not a dict, or does not match the config.
+    """
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a dict pytree, got {type(params).__name__}")
     expected = param_shapes(config)
@@ -171,6 +229,15 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, s
 
     Drawn with numpy's generator seeded from ``key`` (compiling threefry for every shape
     costs seconds on CPU; these are test/benchmark weights, not a training init).
+
+    Args:
+      config: the model config.
+      key: a jax PRNG key (its key data seeds the numpy generator).
+      dtype: dtype of every parameter.
+      std: standard deviation of the weights and biases.
+
+    Returns:
+      The nested params pytree with the shapes of :func:`param_shapes`.
     """
     seed = np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32).tolist()
     rng = np.random.default_rng(seed)
@@ -229,14 +296,32 @@ def linear(
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """HF LlamaRMSNorm: normalise in float32, cast back, multiply by the weight."""
+    """HF LlamaRMSNorm: normalise in float32, cast back, multiply by the weight.
+
+    Args:
+      x: hidden states ``[..., D]``.
+      weight: the norm weight ``[D]``.
+      eps: added to the mean square.
+
+    Returns:
+      The normalised ``[..., D]`` in ``x``'s dtype.
+    """
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
 def rope_cos_sin(positions: jnp.ndarray, config: ModelConfig, dtype: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin tables ``[..., head_dim]`` for integer ``positions`` (float32 math, then ``dtype``)."""
+    """cos/sin tables ``[..., head_dim]`` for integer ``positions`` (float32 math, then ``dtype``).
+
+    Args:
+      positions: int positions of any shape (``[b, s]`` in the model).
+      config: the model config (see :meth:`ModelConfig.inv_freq`).
+      dtype: dtype of the tables.
+
+    Returns:
+      ``(cos, sin)``, each ``positions.shape + (head_dim,)``.
+    """
     inv = jnp.asarray(config.inv_freq(), jnp.float32)
     freqs = positions[..., None].astype(jnp.float32) * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -244,7 +329,16 @@ def rope_cos_sin(positions: jnp.ndarray, config: ModelConfig, dtype: Any) -> tup
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate-half RoPE (HF convention) on ``x [b, s, heads, head_dim]``; cos/sin ``[b, s, head_dim]``."""
+    """Rotate-half RoPE (HF convention) on ``x [b, s, heads, head_dim]``; cos/sin ``[b, s, head_dim]``.
+
+    Args:
+      x: queries or keys ``[b, s, heads, head_dim]``.
+      cos: cosine table ``[b, s, head_dim]`` (:func:`rope_cos_sin`).
+      sin: sine table ``[b, s, head_dim]``.
+
+    Returns:
+      The rotated ``x``, same shape.
+    """
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -253,7 +347,18 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
 def attention_mask_matrix(
     seq_len: int, attention_mask: jnp.ndarray | None = None, window: int | None = None
 ) -> jnp.ndarray:
-    """Boolean ``[b or 1, q, k]``: causal, optionally windowed, keys masked where padding."""
+    """Boolean ``[b or 1, q, k]``: causal, optionally windowed, keys masked where padding.
+
+    Args:
+      seq_len: s, the number of queries and keys.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding, or None.
+      window: sliding window in tokens (a query sees itself and the ``window - 1`` keys
+        before it), or None for full causal attention.
+
+    Returns:
+      ``[b, s, s]`` with ``attention_mask``, else ``[1, s, s]``; True where a query may
+      attend to a key.
+    """
     q = jnp.arange(seq_len)[:, None]
     k = jnp.arange(seq_len)[None, :]
     allowed = k <= q
@@ -330,7 +435,17 @@ def mlp(
     lora: Lora | None = None,
     backend: str | None = None,
 ) -> jnp.ndarray:
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of one layer; ``lora``: that layer's Lora or None."""
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of one layer; ``lora``: that layer's Lora or None.
+
+    Args:
+      layer_params: that layer's dict.
+      x: normalised hidden states ``[..., D]``.
+      lora: that layer's :class:`~apiq_jax.lora.Lora` or None.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      ``[..., D]`` in ``x``'s dtype.
+    """
     p = layer_params
 
     def proj(name: str, inp: jnp.ndarray) -> jnp.ndarray:
@@ -341,7 +456,16 @@ def mlp(
 
 # --- public functional core ---------------------------------------------------------------
 def embed(params: Mapping[str, Any], ids: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
-    """Token embeddings ``[b, s, D]`` of int ids ``[b, s]`` (in the embedding's dtype)."""
+    """Token embeddings ``[b, s, D]`` of int ids ``[b, s]`` (in the embedding's dtype).
+
+    Args:
+      params: the model params (a QuantizedTensor ``embed_tokens`` is dequantized).
+      ids: int token ids ``[b, s]`` (not range-checked here).
+      config: the model config (unused; kept for a uniform signature).
+
+    Returns:
+      The embeddings ``[b, s, D]``.
+    """
     table = params["embed_tokens"]
     if isinstance(table, QuantizedTensor):
         table = dequantize(table)
@@ -392,7 +516,17 @@ def _block(p, x, config, lora, cos, sin, mask, backend):
 def final_logits(
     params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig, *, backend: str | None = None
 ) -> jnp.ndarray:
-    """Final RMSNorm and output head (the embedding matrix when tied): ``[b, s, V]``."""
+    """Final RMSNorm and output head (the embedding matrix when tied): ``[b, s, V]``.
+
+    Args:
+      params: the model params.
+      x: the last block's output ``[b, s, D]``.
+      config: the model config.
+      backend: qmatmul backend of a quantized head.
+
+    Returns:
+      Logits ``[b, s, V]`` in ``x``'s dtype.
+    """
     h = rms_norm(x, params["norm"], config.rms_norm_eps)
     head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
     return linear(h, head, backend=backend)
@@ -445,6 +579,9 @@ def forward(
 
     Returns:
       Logits ``[b, s, vocab]`` in the params' dtype.
+
+    Raises:
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None.
     """
     x = embed(params, ids, config)
     return forward_embeddings(params, lora, x, config, attention_mask=attention_mask, positions=positions,
@@ -465,6 +602,21 @@ def forward_embeddings(
 
     The entry point for methods that edit the input sequence (prompt tuning prepends
     learned vectors); otherwise identical to :func:`forward` (same arguments).
+
+    Args:
+      params: the model params (dense or frozen).
+      lora: the model's :class:`~apiq_jax.lora.Lora` or None.
+      x: input embeddings ``[b, s, D]``.
+      config: the model config.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      positions: int positions; default ``arange(s)``.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      Logits ``[b, s, V]`` in ``x``'s dtype.
+
+    Raises:
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None.
     """
     x, _ = _run_blocks(params, lora, x, config, positions, attention_mask, False, backend)
     return final_logits(params, x, config, backend=backend)
@@ -480,7 +632,23 @@ def block_outputs(
     positions: jnp.ndarray | None = None,
     backend: str | None = None,
 ) -> list[jnp.ndarray]:
-    """Output hidden states ``[b, s, D]`` of every decoder block, in order (before the final norm)."""
+    """Output hidden states ``[b, s, D]`` of every decoder block, in order (before the final norm).
+
+    Args:
+      params: the model params (dense or frozen).
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      lora: the model's :class:`~apiq_jax.lora.Lora` or None.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      positions: int positions; default ``arange(s)``.
+      backend: qmatmul backend of quantized linears.
+
+    Returns:
+      One ``[b, s, D]`` array per decoder block.
+
+    Raises:
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None.
+    """
     x = embed(params, ids, config)
     _, outs = _run_blocks(params, lora, x, config, positions, attention_mask, True, backend)
     return outs
@@ -543,7 +711,11 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def to_params(self) -> Params:
-        """Same as :attr:`params`."""
+        """Same as :attr:`params`.
+
+        Returns:
+          The pure params pytree.
+        """
         return self.params
 
     @property
@@ -576,7 +748,9 @@ def validate_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
     Returns:
       The ids as an int32 jax array.
 
-    Raises ValueError naming the offending value (see :func:`apiq_jax.data.check_ids`).
+    Raises:
+      ValueError: ids that are not 2-D, not integers or out of range, naming the
+        offending value (see :func:`apiq_jax.data.check_ids`).
     """
     if isinstance(ids, jax.core.Tracer):
         return ids

@@ -41,7 +41,14 @@ def quantize_params(
       targets: linears to quantize in every layer (default all seven).
       clips: optional ``{"layers.<i>.<name>": (gamma, beta)}`` clipping logits, shape
         ``[out, n_groups]`` each (learned by calibration).
-    Returns ``frozen``: same structure, norms/embeddings/head unchanged (shared).
+
+    Returns:
+      ``frozen``: same structure, norms/embeddings/head unchanged (shared).
+
+    Raises:
+      ValueError: an unknown target, a layer without a targeted linear, a targeted linear
+        that is already quantized or not finite, or clip logits for a linear that is not
+        quantized.
     """
     names = normalize_targets(targets)
     clips = dict(clips or {})
@@ -67,7 +74,14 @@ def quantize_params(
 
 
 def dequantize_params(frozen: Mapping[str, Any]) -> Params:
-    """Dense params with every QuantizedTensor replaced by its dequantized weight."""
+    """Dense params with every QuantizedTensor replaced by its dequantized weight.
+
+    Args:
+      frozen: params whose leaves may be QuantizedTensors (storage layout).
+
+    Returns:
+      The params with dense leaves only (the other leaves shared, not copied).
+    """
     return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, dict(frozen), is_leaf=is_quantized)
 
 
@@ -86,6 +100,24 @@ def quantize_model(
     ``init="qlora"``: ``a`` kaiming-uniform (bound ``1/sqrt(in)``), ``b = 0`` (needs ``key``).
     ``init="factors"``: take ``factors`` (see :func:`apiq_jax.lora.lora_from_factors`).
     ``targets`` defaults to ``lora_config.targets``.
+
+    Args:
+      params: dense params pytree.
+      quant_config: bits, group size, scheme, ...
+      lora_config: rank, alpha and targets of the LoRA.
+      key: a jax PRNG key (required for ``init="qlora"``).
+      init: ``"qlora"`` or ``"factors"``.
+      factors: the LoRA factors for ``init="factors"``.
+      targets: linears to quantize (default ``lora_config.targets``).
+
+    Returns:
+      ``(frozen, lora)``: the params with QuantizedTensor targets, and a
+      :class:`~apiq_jax.lora.Lora` (float32 factors).
+
+    Raises:
+      ValueError: an unknown ``init``, ``"qlora"`` without ``key``, ``"factors"`` without
+        ``factors``, and the errors of :func:`quantize_params` and
+        :func:`~apiq_jax.lora.lora_from_factors`.
     """
     frozen = quantize_params(params, quant_config, targets=targets or lora_config.targets)
     if init == "qlora":
@@ -160,7 +192,14 @@ def apply(
 
 
 def quantized_linear_names(frozen: Mapping[str, Any]) -> list[str]:
-    """Flat names (``"layers.0.q_proj"``) of the QuantizedTensor leaves of ``frozen``."""
+    """Flat names (``"layers.0.q_proj"``) of the QuantizedTensor leaves of ``frozen``.
+
+    Args:
+      frozen: a params pytree.
+
+    Returns:
+      The names, in traversal order.
+    """
     from apiq_jax.models.llama import flatten_params
 
     return [k for k, v in flatten_params(frozen).items() if isinstance(v, QuantizedTensor)]

@@ -41,7 +41,14 @@ META_FILE = "apiq_meta.json"
 
 
 def is_quantized_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a saved quantized model (an ``apiq_meta.json``)."""
+    """True when ``path`` holds a saved quantized model (an ``apiq_meta.json``).
+
+    Args:
+      path: a directory.
+
+    Returns:
+      Whether ``path/apiq_meta.json`` is a file.
+    """
     return (Path(path) / META_FILE).is_file()
 
 
@@ -73,7 +80,9 @@ def save_quantized(
     Returns:
       ``out_dir`` as a Path.
 
-    Raises ValueError for params that do not fit ``model_config`` or non-JSON metadata.
+    Raises:
+      ValueError: params that do not fit ``model_config``, a ``lora`` that is not a
+        :class:`~apiq_jax.lora.Lora`, or non-JSON metadata.
 
     Example:
       >>> import tempfile, jax
@@ -153,8 +162,9 @@ def load_quantized(
       ``(frozen, lora, model_config, metadata)``; ``lora`` (a :class:`~apiq_jax.lora.Lora`
       carrying its config) is None when none was saved.
 
-    Raises FileNotFoundError for missing files and ValueError for inconsistent contents,
-    naming the file and key.
+    Raises:
+      FileNotFoundError: missing files.
+      ValueError: inconsistent contents, naming the file and key.
     """
     p = Path(path)
     if not p.is_dir():
