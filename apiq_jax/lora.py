@@ -382,6 +382,8 @@ def lora_from_factors(
             key = f"layers.{i}.{name}"
             ab = flat[key]
             a, b = (ab["a"], ab["b"]) if isinstance(ab, Mapping) else ab
+            if name not in layer:
+                raise ValueError(f"layer {i} has no linear {name!r} (targets={config.targets})")
             out_f, in_f = _weight_shape(layer[name], key)
             if tuple(a.shape) != (in_f, config.rank) or tuple(b.shape) != (config.rank, out_f):
                 raise ValueError(

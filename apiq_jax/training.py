@@ -54,7 +54,14 @@ class FinetuneConfig:
 
 
 def make_optimizer(cfg: FinetuneConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay, and optional global-norm clipping."""
+    """AdamW with linear warm-up then cosine decay, and optional global-norm clipping.
+
+    Args:
+      cfg: the finetuning config (learning rate, warm-up, steps, weight decay, clipping).
+
+    Returns:
+      The optax transformation.
+    """
     if cfg.warmup_steps:
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1)
@@ -91,7 +98,15 @@ def causal_lm_loss(
 
 
 def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
-    """Mean NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float32)."""
+    """Mean NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float32).
+
+    Args:
+      logits: ``[b, s, vocab]``.
+      ids: int token ids ``[b, s]``.
+
+    Returns:
+      The scalar mean next-token negative log-likelihood.
+    """
     logits = logits[:, :-1].astype(jnp.float32)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
@@ -135,7 +150,20 @@ def make_train_step(
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Rows of the batch at ``step``: epoch-wise permutations seeded by (seed, epoch)."""
+    """Rows of the batch at ``step``: epoch-wise permutations seeded by (seed, epoch).
+
+    A function of the step (not of an iterator's state), so a resumed run draws the same
+    batches as an uninterrupted one.
+
+    Args:
+      n_rows: number of training windows.
+      batch_size: rows per batch.
+      step: the step index (0-based).
+      seed: the data-order seed.
+
+    Returns:
+      ``batch_size`` row indices.
+    """
     per_epoch = max(n_rows // batch_size, 1)
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_rows)

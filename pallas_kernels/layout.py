@@ -68,7 +68,11 @@ class PreparedWeights:
         return self.scales.shape[-1]
 
     def operands(self) -> list[jax.Array]:
-        """The arrays in the order the kernels take them: planes, scales, then zeros if any."""
+        """The arrays in the order the kernels take them.
+
+        Returns:
+          The bit planes, the scales, then the zero points when the scheme has them.
+        """
         return [*self.planes, self.scales] + ([] if self.zeros is None else [self.zeros])
 
 

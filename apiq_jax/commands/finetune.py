@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.seqlen is not None and args.seqlen < 2:
         raise ValueError(f"--seqlen {args.seqlen} must be >= 2")
+    if Path(args.out).resolve() == model_dir.resolve():
+        raise ValueError(f"--out {args.out} is the --model directory; give a new directory (the base model is kept)")
     frozen, lora, config, meta = load_quantized(model_dir)
     if lora is None:
         raise ValueError(f"--model {model_dir} holds no LoRA factors to finetune")

@@ -119,18 +119,16 @@ def quantize_model(
         ``factors``, and the errors of :func:`quantize_params` and
         :func:`~apiq_jax.lora.lora_from_factors`.
     """
+    if init not in ("qlora", "factors"):  # checked before the (long) quantization pass
+        raise ValueError(f"init={init!r} is not supported; accepted: ('qlora', 'factors')")
+    if init == "qlora" and key is None:
+        raise ValueError("init='qlora' needs key= (a jax.random key) for the LoRA 'a' factors")
+    if init == "factors" and factors is None:
+        raise ValueError("init='factors' needs factors=")
     frozen = quantize_params(params, quant_config, targets=targets or lora_config.targets)
     if init == "qlora":
-        if key is None:
-            raise ValueError("init='qlora' needs key= (a jax.random key) for the LoRA 'a' factors")
-        lora = init_lora(frozen, lora_config, key, method="qlora")
-    elif init == "factors":
-        if factors is None:
-            raise ValueError("init='factors' needs factors=")
-        lora = lora_from_factors(frozen, lora_config, factors)
-    else:
-        raise ValueError(f"init={init!r} is not supported; accepted: ('qlora', 'factors')")
-    return frozen, lora
+        return frozen, init_lora(frozen, lora_config, key, method="qlora")
+    return frozen, lora_from_factors(frozen, lora_config, factors)
 
 
 def _apply(

@@ -57,6 +57,7 @@ def test_finetune_trains_lora_only_and_resumes(qlora_quantized, data, tmp_path, 
     ({"--data": "bad"}, "accepted: 0 <= id < 1024"),
     ({"--data": "floats"}, "must be integers"),
     ({"--eval": "missing.npy"}, "file not found"),
+    ({"--out": "MODEL"}, "is the --model directory; give a new directory"),
 ])
 def test_finetune_errors(qlora_quantized, tiny_dir, data, tmp_path, capsys, change, message):
     args = {"--model": str(qlora_quantized), "--data": str(data["calib"]), "--out": str(tmp_path / "o"),
@@ -64,6 +65,8 @@ def test_finetune_errors(qlora_quantized, tiny_dir, data, tmp_path, capsys, chan
     for k, v in change.items():
         if v == "HF":
             v = str(tiny_dir)
+        elif v == "MODEL":
+            v = str(qlora_quantized)
         elif v in data:
             v = str(data[v])
         elif v.endswith(".npy"):
@@ -74,6 +77,7 @@ def test_finetune_errors(qlora_quantized, tiny_dir, data, tmp_path, capsys, chan
     assert code == 2
     assert message in err
     assert err.startswith("apiq-jax finetune: error: ") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_defaults_come_from_finetune_config():
