@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apiq_jax.models import ModelConfig, forward_jit, init_params, load_pretrained, save_pretrained
+from apiq_jax.models import ModelConfig, forward, init_params, load_pretrained, save_pretrained
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
+forward_jit = jax.jit(forward, static_argnames="config")
 
 
 def _time(fn: Any, reps: int) -> float:
