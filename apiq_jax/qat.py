@@ -26,7 +26,7 @@ import optax
 
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import LINEARS, forward, is_quantized
-from apiq_jax.quant import QuantConfig, fake_quantize, init_clip, quantize
+from apiq_jax.quant import ClipLogits, QuantConfig, fake_quantize, init_clip, quantize
 from apiq_jax.training import FinetuneConfig, make_optimizer, next_token_nll
 
 Trainable = dict[str, list[dict[str, dict[str, jnp.ndarray]]]]
@@ -96,7 +96,7 @@ def qat_params(rest: Mapping[str, Any], trainable: Trainable, quant_config: Quan
       The full params; each trained linear is ``fake_quantize(w)`` (float32 ``[out, in]``),
       differentiable with respect to ``w``, ``gamma`` and ``beta``.
     """
-    layers = [{n: fake_quantize(p["w"], quant_config, clip=(p["gamma"], p["beta"])) for n, p in lt.items()}
+    layers = [{n: fake_quantize(p["w"], quant_config, clip=ClipLogits(p["gamma"], p["beta"])) for n, p in lt.items()}
               for lt in trainable["layers"]]
     return _merge(rest, layers)
 
@@ -131,10 +131,10 @@ def qat_freeze(rest: Mapping[str, Any], trainable: Trainable, quant_config: Quan
       quant_config: the quantization config (the one trained against).
 
     Returns:
-      The full params; each trained linear is ``quantize(w, clip=(gamma, beta))``, a
+      The full params; each trained linear is ``quantize(w, clip=ClipLogits(gamma, beta))``, a
       storage-layout QuantizedTensor that dequantizes to float32 (the trained ``w``'s dtype).
     """
-    layers = [{n: quantize(p["w"], quant_config, clip=(p["gamma"], p["beta"])) for n, p in lt.items()}
+    layers = [{n: quantize(p["w"], quant_config, clip=ClipLogits(p["gamma"], p["beta"])) for n, p in lt.items()}
               for lt in trainable["layers"]]
     return _merge(rest, layers)
 

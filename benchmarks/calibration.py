@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: the benchmark's default methods, in table order (every name of apiq_jax.calibration.METHODS is accepted)
 METHODS = ("rtn", "qlora", "gptq", "loftq", "apiq-lw", "apiq-bw")
 
 
@@ -57,8 +58,16 @@ def _peak_rss_mb() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Run one calibration (or the fp32 baseline) and print its row as JSON."""
-    from apiq_jax.compare import SCHEMES, calibrate_and_measure, full_precision_row
+    """Run one calibration (or the fp32 baseline) and print its row as JSON.
+
+    Args:
+        args: the parsed arguments, with ``--worker METHOD`` and ``--one-bits B``.
+
+    Returns:
+        None; prints ``ROW {json}`` on stdout.
+    """
+    from apiq_jax.calibration import get_method
+    from apiq_jax.compare import calibrate_and_measure, full_precision_row
     from apiq_jax.lora import LoraConfig
     from apiq_jax.quant import QuantConfig
 
@@ -67,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "fp32":
         row = full_precision_row(params, config, eval_ids)
     else:
-        qcfg = QuantConfig(bits=args.one_bits, group_size=args.group_size, scheme=SCHEMES[args.worker])
+        scheme = get_method(args.worker).default_scheme
+        qcfg = QuantConfig(bits=args.one_bits, group_size=args.group_size, scheme=scheme)
         row = calibrate_and_measure(args.worker, params, config, calib, eval_ids, qcfg,
                                     LoraConfig(rank=args.rank, alpha=args.alpha), seed=args.seed,
                                     epochs=args.epochs, progress=False)
@@ -94,7 +104,7 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(_shared_default()))
     ap.add_argument("--bits", default="2,3,4")
@@ -108,32 +118,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_calibration"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one-bits", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker(args)
-        return
+    return ap
+
+
+def _table(args: argparse.Namespace, rows: list[dict]) -> str:
+    """The Markdown results table with its settings and environment lines."""
+    import importlib.metadata as md
 
     import jax
-    from tqdm import tqdm
 
-    bits_list = [int(b) for b in args.bits.split(",")]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
-    jobs = [("fp32", 0)] + [(m, b) for b in bits_list for m in methods]
-    rows = []
-    for method, bits in tqdm(jobs, desc="calibrations", file=sys.stderr):
-        row = _run_worker(args, method, bits)
-        row["bits"] = bits or 32
-        rows.append(row)
-
-    import importlib.metadata as md
+    from apiq_jax.calibration import get_method
 
     header = (f"stories260K (5 blocks, d=64, MLP 172), calibration {args.nsamples} x 256 tokens of "
               f"data/tinystories260K/calib.npy, evaluation 125 x 256 tokens of eval.npy; group "
               f"{args.group_size}, LoRA r={args.rank} alpha={args.alpha:g}, ApiQ epochs {args.epochs}, "
-              f"LoftQ 5 iterations, seed {args.seed}")
+              f"LoftQ {get_method('loftq').compare_options['num_iter']} iterations, seed {args.seed}")
     env = (f"{datetime.date.today().isoformat()}, CPU ({platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores), jax {jax.__version__}, apiq-jax {md.version('apiq-jax')}")
     lines = [header, "", env, "",
@@ -144,8 +143,36 @@ def main() -> None:
             f"| {r['bits']} | {r['label']} | {_fmt(r['bits_per_param'], '.3f', '32')} | {r['perplexity']:.3f} | "
             f"{_fmt(r['mean_activation_error'], '.4g')} | {_fmt(r['seconds'], '.1f')} | {r['peak_rss_mb']:.0f} |"
         )
-    table = "\n".join(lines)
-    print(table)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run every (bits, method) calibration in its own process, print the table, write the results.
+
+    Returns:
+        None; writes ``results.json`` and ``calibration.png`` under ``--out``.
+    """
+    args = _parser().parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from tqdm import tqdm
+
+    from apiq_jax.calibration import METHODS as REGISTRY
+
+    bits_list = [int(b) for b in args.bits.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in REGISTRY]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; accepted: {', '.join(REGISTRY)}")
+    jobs = [("fp32", 0)] + [(m, b) for b in bits_list for m in methods]
+    rows = []
+    for method, bits in tqdm(jobs, desc="calibrations", file=sys.stderr):
+        row = _run_worker(args, method, bits)
+        row["bits"] = bits or 32
+        rows.append(row)
+    print(_table(args, rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
@@ -154,11 +181,11 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], bits_list: list[int], methods: list[str], path: Path) -> Path | None:
+    """Perplexity and mean activation error against the bit width, one line per method."""
     try:
-        import matplotlib
+        from apiq_jax.plotting import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:  # pragma: no cover
         return None
     fp = next(r for r in rows if r["method"] == "fp32")
@@ -176,9 +203,7 @@ def _plot(rows: list[dict], bits_list: list[int], methods: list[str], path: Path
     ax0.legend(fontsize=8)
     fig.suptitle("stories260K: calibration methods by bit width")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -66,4 +66,4 @@ def bad(x):
 def _private(x):
     pass
 '''
-    assert undocumented(src) == ["bad (line 12)"]
+    assert undocumented(src) == ["bad (line 13)"]

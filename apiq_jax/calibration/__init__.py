@@ -1,54 +1,38 @@
 """Calibration: ApiQ-bw, ApiQ-lw and the baselines (RTN/QLoRA, LoftQ, GPTQ).
 
-Every method shares one signature (see :mod:`apiq_jax.calibration.common`)::
+Every method shares one signature::
 
-    method(params, model_config, calib_ids, quant_config, lora_config, *, key, **options)
-        -> CalibrationResult(params=frozen, lora=lora, report=report)   # lora: a Lora carrying alpha / r
+    method(params, model_config, calib_ids, quant_config, lora_config, *, key, progress=False, **options)
+        -> CalibrationResult(params=frozen, lora=lora, report=report)
 
-:data:`METHODS` maps the registry name to the callable.
+:data:`METHODS` (:mod:`~apiq_jax.calibration.registry`) maps each registry name to its
+:class:`MethodSpec`: the function, its label, the bits and schemes it accepts, its default
+scheme and options.
+
+Modules, by job:
+
+* the block loop: :mod:`.driver` (one driver for every method), :mod:`.blocks` (streams,
+  freezing), :mod:`.stages` (the linears of a block in stages and their inputs);
+* ApiQ: :mod:`.apiq` (shared wiring), :mod:`.apiq_bw` / :mod:`.apiq_bw_core`,
+  :mod:`.apiq_lw` / :mod:`.apiq_lw_core` (wiring / math), :mod:`.options`, :mod:`.adamw`;
+* baselines: :mod:`.rtn` (RTN, QLoRA), :mod:`.loftq`, :mod:`.gptq` / :mod:`.gptq_core`,
+  :mod:`.baseline` (their shared result);
+* around them: :mod:`.inputs` (validation), :mod:`.reports`, :mod:`.workdir` (resumable
+  runs), :mod:`.progress` (bars), :mod:`.registry`.
 """
 
 from __future__ import annotations
 
-from apiq_jax.calibration.apiq import ApiQOptions, apiq_bw, apiq_lw
-from apiq_jax.calibration.baselines import gptq_init, loftq_init, qlora_init, rtn_init
-from apiq_jax.calibration.common import (
-    QUANT_TARGETS,
-    BlockReport,
-    CalibrationMethod,
-    CalibrationReport,
-    CalibrationResult,
-    block_errors,
-    embed_ids,
-    freeze_layer,
-    freeze_params,
-    memory_stats,
-    relative_error,
-    run_block,
-    validate_inputs,
-)
-
-#: registry name -> calibration method (the names ``apiq-jax quantize --method`` accepts)
-METHODS: dict[str, CalibrationMethod] = {
-    "apiq-bw": apiq_bw,
-    "apiq-lw": apiq_lw,
-    "loftq": loftq_init,
-    "qlora": qlora_init,
-    "rtn": rtn_init,
-    "gptq": gptq_init,
-}
-
-
-def get_method(name: str) -> CalibrationMethod:
-    """The registered method called ``name``; ValueError lists the accepted names."""
-    if name not in METHODS:
-        raise ValueError(f"unknown calibration method {name!r}; accepted: {sorted(METHODS)}")
-    return METHODS[name]
-
+from apiq_jax.calibration.apiq_bw import apiq_bw
+from apiq_jax.calibration.apiq_lw import apiq_lw
+from apiq_jax.calibration.gptq import gptq_init
+from apiq_jax.calibration.loftq import loftq_init
+from apiq_jax.calibration.options import ApiQOptions
+from apiq_jax.calibration.registry import METHODS, MethodSpec, get_method
+from apiq_jax.calibration.reports import BlockReport, CalibrationReport, CalibrationResult
+from apiq_jax.calibration.rtn import qlora_init, rtn_init
 
 __all__ = [
-    "METHODS", "QUANT_TARGETS", "ApiQOptions", "BlockReport", "CalibrationMethod",
-    "CalibrationReport", "CalibrationResult", "apiq_bw", "apiq_lw", "block_errors", "embed_ids",
-    "freeze_layer", "freeze_params", "get_method", "gptq_init", "loftq_init", "memory_stats",
-    "qlora_init", "relative_error", "rtn_init", "run_block", "validate_inputs",
+    "METHODS", "ApiQOptions", "BlockReport", "CalibrationReport", "CalibrationResult", "MethodSpec", "apiq_bw",
+    "apiq_lw", "get_method", "gptq_init", "loftq_init", "qlora_init", "rtn_init",
 ]

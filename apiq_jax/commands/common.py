@@ -21,11 +21,6 @@ import numpy as np
 
 #: window length when --seqlen is not given (capped by the model's max_position_embeddings)
 DEFAULT_SEQLEN = 2048
-#: LoftQ alternations of ``apiq-jax quantize`` when --num-iter is not given (as loftq_init)
-QUANTIZE_LOFTQ_ITERATIONS = 1
-#: LoftQ alternations in ``apiq-jax demo`` (the "LoftQ (NF, 5 it.)" row; the value
-#: apiq_jax.compare.LOFTQ_ITERATIONS applies, checked by the tests)
-DEMO_LOFTQ_ITERATIONS = 5
 #: exceptions reported as one line + exit code 2 (errors a user can fix: paths, inputs)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 #: exit code of a user error (as argparse's own usage errors)

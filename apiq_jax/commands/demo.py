@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apiq_jax.commands.common import DEMO_LOFTQ_ITERATIONS, print_json
+from apiq_jax.calibration import METHODS, get_method
+from apiq_jax.commands.common import print_json
 
+#: LoftQ alternations the demo runs (the registry's comparison setting, as its "LoftQ" row says)
+DEMO_LOFTQ_ITERATIONS = get_method("loftq").compare_options["num_iter"]
 NAME = "demo"
 HELP = "offline demo: 2-bit quantization of the bundled model with every method"
 DESCRIPTION = f"""\
@@ -36,8 +39,9 @@ demo.png into --out. The last stdout line is one JSON object with the summary.
   apiq-jax demo [--out runs/demo] [--fast] [--methods rtn,qlora,...] [--epochs E] [--finetune-steps N]
 """
 
+#: the methods the demo compares by default, in table order (``--methods`` accepts every registered one)
 DEMO_METHODS = ("rtn", "qlora", "loftq", "apiq-lw", "apiq-bw")
-ALL_METHODS = DEMO_METHODS + ("gptq",)
+ALL_METHODS = DEMO_METHODS + tuple(m for m in METHODS if m not in DEMO_METHODS)
 
 # full settings and the reduced --fast ones
 FULL = {"nsamples": 32, "seqlen": 256, "epochs": 10, "eval_windows": 0, "finetune_steps": 50}
@@ -116,6 +120,22 @@ def summary_line(summary: dict[str, Any], results: Path, plot: Path | None) -> d
             "plot": None if plot is None else str(plot)}
 
 
+def _data(model_dir: Path, settings: dict[str, int], seed: int) -> tuple[Any, Any, Any]:
+    """Calibration windows, evaluation windows and the calibration stream of the bundled text."""
+    from apiq_jax.data import sample_windows, split_windows, tokenize
+    from apiq_jax.demo_data import demo_text
+    from apiq_jax.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    seqlen = settings["seqlen"]
+    calib_stream = tokenize(demo_text("calib"), tok)
+    calib = sample_windows(calib_stream, settings["nsamples"], seqlen, seed=seed, name="demo calibration text")
+    eval_ids = split_windows(tokenize(demo_text("eval"), tok), seqlen, name="demo evaluation text")
+    if settings["eval_windows"]:
+        eval_ids = eval_ids[: settings["eval_windows"]]
+    return calib, eval_ids, calib_stream
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo: prints the table, where the files went, then the summary JSON line.
 
@@ -129,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
         ValueError: bad settings, or a perplexity that is not finite.
     """
     from apiq_jax.compare import compare_methods, format_table, save_plot
-    from apiq_jax.data import sample_windows, split_windows, tokenize
-    from apiq_jax.demo_data import DEMO_MODEL_DIR, demo_text
+    from apiq_jax.data import split_windows
+    from apiq_jax.demo_data import DEMO_MODEL_DIR
     from apiq_jax.lora import LoraConfig
-    from apiq_jax.models import load_pretrained, load_tokenizer
+    from apiq_jax.models import load_pretrained
     from apiq_jax.training import FinetuneConfig
 
     t0 = time.perf_counter()
@@ -142,25 +162,17 @@ def run(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"demo model not found: {model_dir} (expected an HF directory with config.json)")
     model = load_pretrained(model_dir)
-    params, config = model.params, model.config
-    tok = load_tokenizer(model_dir)
-
-    seqlen = settings["seqlen"]
-    calib_stream = tokenize(demo_text("calib"), tok)
-    calib = sample_windows(calib_stream, settings["nsamples"], seqlen, seed=args.seed, name="demo calibration text")
-    eval_ids = split_windows(tokenize(demo_text("eval"), tok), seqlen, name="demo evaluation text")
-    if settings["eval_windows"]:
-        eval_ids = eval_ids[: settings["eval_windows"]]
+    config = model.config
+    calib, eval_ids, calib_stream = _data(model_dir, settings, args.seed)
     steps = settings["finetune_steps"]
     rows = compare_methods(
-        params, config, calib, eval_ids, methods, bits=args.bits, group_size=args.group_size,
+        model.params, config, calib, eval_ids, methods, bits=args.bits, group_size=args.group_size,
         lora_config=LoraConfig(rank=args.rank, alpha=args.alpha), epochs=settings["epochs"], seed=args.seed,
         progress=not args.quiet,
-        finetune_ids=split_windows(calib_stream, seqlen) if steps else None,
+        finetune_ids=split_windows(calib_stream, settings["seqlen"]) if steps else None,
         finetune_config=FinetuneConfig(steps=steps, batch_size=FINETUNE_BATCH, learning_rate=FINETUNE_LR,
                                        warmup_steps=min(10, steps), seed=args.seed) if steps else None,
     )
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.bits}-bit, group {args.group_size}, LoRA r={args.rank}"

@@ -19,21 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from apiq_jax.commands.common import (
-    DEFAULT_SEQLEN,
-    DEMO_LOFTQ_ITERATIONS,
-    QUANTIZE_LOFTQ_ITERATIONS,
-    field_default,
-    print_json,
-)
+from apiq_jax.calibration import METHODS, ApiQOptions, get_method
+from apiq_jax.commands.common import DEFAULT_SEQLEN, field_default, print_json
+from apiq_jax.quant.config import SCHEMES
 
+_NAMES = ",".join(METHODS)
+_BITS = ",".join(str(b) for b in sorted({b for s in METHODS.values() for b in s.bits}))
 NAME = "quantize"
-HELP = "calibrate an HF model (apiq-bw, apiq-lw, loftq, qlora, rtn, gptq) and save it"
-DESCRIPTION = """\
+HELP = f"calibrate an HF model ({', '.join(METHODS)}) and save it"
+DESCRIPTION = f"""\
 Calibrate a Hugging Face model with one method and save it.
 
-  apiq-jax quantize --model HF_DIR --method {apiq-bw,apiq-lw,loftq,qlora,rtn,gptq}
-      --bits {2,3,4} --group-size N --rank R --alpha A --calib FILE
+  apiq-jax quantize --model HF_DIR --method {{{_NAMES}}}
+      --bits {{{_BITS}}} --group-size N --rank R --alpha A --calib FILE
       [--epochs E] [--seed S] [--nsamples N --seqlen L] [--scheme S] [--num-iter T]
       --out OUT
 
@@ -48,17 +46,6 @@ report.png); apiq-jax eval --model OUT reads it. The last stdout line is one JSO
 object with the run's summary.
 """
 
-METHODS = ("apiq-bw", "apiq-lw", "loftq", "qlora", "rtn", "gptq")
-#: bit widths each method accepts
-METHOD_BITS: dict[str, tuple[int, ...]] = {m: (2, 3, 4) for m in METHODS}
-#: quantizer schemes each method accepts (ApiQ learns clipping of the uniform grids)
-METHOD_SCHEMES: dict[str, tuple[str, ...]] = {
-    "apiq-bw": ("asym", "sym"), "apiq-lw": ("asym", "sym"),
-    "rtn": ("asym", "sym", "nf"), "qlora": ("nf", "asym", "sym"),
-    "loftq": ("nf", "asym", "sym"), "gptq": ("asym", "sym", "nf"),
-}
-#: scheme used when --scheme is not given (QLoRA and LoftQ store NormalFloat)
-DEFAULT_SCHEME = {"qlora": "nf", "loftq": "nf"}
 #: calibration windows drawn from text / 1-D ids when --nsamples is not given
 DEFAULT_NSAMPLES = 128
 #: per-block checkpoints of an ApiQ run inside --out; removed once the model is saved
@@ -74,29 +61,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Returns:
         None; the arguments are added to ``p``.
     """
-    from apiq_jax.calibration import ApiQOptions
-
     epochs = field_default(ApiQOptions, "epochs")
+    loftq = get_method("loftq")
+    nf_default = [n for n, spec in METHODS.items() if spec.default_scheme == "nf"]
     p.add_argument("--model", required=True, help="Hugging Face model directory (full precision)")
     p.add_argument("--method", required=True, help=f"calibration method: one of {', '.join(METHODS)}")
-    p.add_argument("--bits", required=True, type=int, help="weight bits (2, 3 or 4)")
+    p.add_argument("--bits", required=True, type=int, help=f"weight bits ({_BITS.replace(',', ', ')})")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size along the input (default 64)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the LoRA term is scaled by alpha/r (default 16)")
     p.add_argument("--calib", required=True, help="calibration data: token ids (.npy) or text (.txt)")
     p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--epochs", type=int, default=None, help=f"ApiQ epochs per block/layer (default {epochs}; apiq-* only)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"ApiQ epochs per block/layer (default {epochs}; {_training()} only)")
     p.add_argument("--seed", type=int, default=0, help="seed for window sampling and LoRA init (default 0)")
     p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {DEFAULT_NSAMPLES})")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default min({DEFAULT_SEQLEN}, max_position_embeddings); "
                         "2-D .npy ids: their row length)")
-    p.add_argument("--scheme", default=None, choices=("asym", "sym", "nf"),
+    p.add_argument("--scheme", default=None, choices=SCHEMES,
                    help="quantizer: asym (zero point), sym (absmax) or nf (NormalFloat); default nf for "
-                        "qlora/loftq, asym otherwise")
+                        f"{'/'.join(nf_default)}, asym otherwise")
     p.add_argument("--num-iter", type=int, default=None,
-                   help=f"LoftQ alternations (default {QUANTIZE_LOFTQ_ITERATIONS}, as loftq_init; loftq only; "
-                        f"apiq-jax demo runs {DEMO_LOFTQ_ITERATIONS})")
+                   help=f"LoftQ alternations (default {loftq.options['num_iter']}, as loftq_init; loftq only; "
+                        f"apiq-jax demo runs {loftq.compare_options['num_iter']})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -182,16 +170,16 @@ def check_args(args: argparse.Namespace) -> str:
     """
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r} is not supported; accepted: {', '.join(METHODS)}")
-    if args.bits not in METHOD_BITS[args.method]:
+    spec = get_method(args.method)
+    if args.bits not in spec.bits:
         raise ValueError(
             f"--bits {args.bits} is not supported by --method {args.method}; accepted: "
-            f"{', '.join(map(str, METHOD_BITS[args.method]))}"
+            f"{', '.join(map(str, spec.bits))}"
         )
-    scheme = args.scheme or DEFAULT_SCHEME.get(args.method, "asym")
-    if scheme not in METHOD_SCHEMES[args.method]:
+    scheme = args.scheme or spec.default_scheme
+    if scheme not in spec.schemes:
         raise ValueError(
-            f"--scheme {scheme} is not supported by --method {args.method}; accepted: "
-            f"{', '.join(METHOD_SCHEMES[args.method])}"
+            f"--scheme {scheme} is not supported by --method {args.method}; accepted: {', '.join(spec.schemes)}"
         )
     for name in ("group_size", "rank", "nsamples", "seqlen"):
         v = getattr(args, name)
@@ -200,16 +188,21 @@ def check_args(args: argparse.Namespace) -> str:
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise ValueError(f"--alpha {args.alpha} must be a positive number")
     if args.epochs is not None:
-        if not args.method.startswith("apiq"):
-            raise ValueError(f"--epochs applies to apiq-bw/apiq-lw only, not --method {args.method}")
+        if not spec.trains:
+            raise ValueError(f"--epochs applies to {_training()} only, not --method {args.method}")
         if args.epochs < 0:
             raise ValueError(f"--epochs {args.epochs} must be >= 0")
     if args.num_iter is not None:
-        if args.method != "loftq":
+        if "num_iter" not in spec.options:
             raise ValueError(f"--num-iter applies to --method loftq only, not {args.method}")
         if args.num_iter < 1:
             raise ValueError(f"--num-iter {args.num_iter} must be >= 1")
     return scheme
+
+
+def _training() -> str:
+    """The methods that train (``--epochs`` applies to them), as "apiq-bw/apiq-lw"."""
+    return "/".join(n for n, spec in METHODS.items() if spec.trains)
 
 
 def method_options(
@@ -221,23 +214,65 @@ def method_options(
     interrupted ``apiq-jax quantize`` re-run with the same arguments resumes there.
 
     Args:
-        method: one of :data:`METHODS`.
-        epochs: ApiQ epochs (None: the method's default).
-        num_iter: LoftQ alternations (None: :data:`QUANTIZE_LOFTQ_ITERATIONS`).
+        method: a registry name (:data:`apiq_jax.calibration.METHODS`).
+        epochs: ApiQ epochs (None: :class:`~apiq_jax.calibration.ApiQOptions`' default).
+        num_iter: LoftQ alternations (None: the registry's default, ``loftq_init``'s).
         progress: show progress bars.
         work_dir: checkpoint directory of ApiQ runs.
 
     Returns:
-        Keyword arguments for the method's calibration function.
+        Keyword arguments for ``get_method(method).fn``.
     """
+    defaults = get_method(method).options
     opts: dict[str, Any] = {"progress": progress}
-    if method.startswith("apiq") and work_dir is not None:
+    if "work_dir" in defaults and work_dir is not None:
         opts["work_dir"] = work_dir
-    if method.startswith("apiq") and epochs is not None:
-        opts["epochs"] = epochs
-    if method == "loftq":
-        opts["num_iter"] = QUANTIZE_LOFTQ_ITERATIONS if num_iter is None else num_iter
+    if "options" in defaults and epochs is not None:
+        opts["options"] = ApiQOptions(epochs=epochs)
+    if "num_iter" in defaults:
+        opts["num_iter"] = defaults["num_iter"] if num_iter is None else num_iter
     return opts
+
+
+def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(--model, --out)`` as paths, after checking that they can be read and written."""
+    from apiq_jax.models import is_quantized_dir
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: directory not found")
+    if is_quantized_dir(model_dir):
+        raise ValueError(f"--model {model_dir} is already a quantized model; give the full-precision HF directory")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    return model_dir, out_dir
+
+
+def summarize(args: argparse.Namespace, scheme: str, ids: np.ndarray, result: Any) -> dict[str, Any]:
+    """The run's summary: its settings and what the calibration measured.
+
+    Args:
+        args: parsed arguments of :func:`add_arguments`.
+        scheme: the quantizer scheme used.
+        ids: the calibration ids ``[n, seqlen]``.
+        result: the :class:`~apiq_jax.calibration.CalibrationResult`.
+
+    Returns:
+        A JSON-able dict (the metadata of the saved model and the printed JSON line).
+    """
+    from apiq_jax.compare import quantized_bits_per_param
+
+    report = result.report
+    errors = [e for e in report.errors_after if e is not None]
+    return {
+        "method": args.method, "bits": args.bits, "group_size": args.group_size, "scheme": scheme,
+        "rank": args.rank, "alpha": args.alpha, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+        "seed": args.seed, "seconds": round(report.seconds, 3),
+        "bits_per_param": quantized_bits_per_param(result.params),
+        "mean_activation_error": float(np.mean(errors)) if errors else None, "activation_errors": errors,
+        "peak_rss_mb": report.peak_rss_mb,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,23 +286,14 @@ def run(args: argparse.Namespace) -> int:
     """
     import jax
 
-    from apiq_jax.calibration import get_method
-    from apiq_jax.compare import quantized_bits_per_param
     from apiq_jax.lora import LoraConfig
-    from apiq_jax.models import is_quantized_dir, load_pretrained
+    from apiq_jax.models import load_pretrained
     from apiq_jax.models.quantized_io import save_quantized
     from apiq_jax.quant import QuantConfig
 
     t0 = time.perf_counter()
     scheme = check_args(args)
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: directory not found")
-    if is_quantized_dir(model_dir):
-        raise ValueError(f"--model {model_dir} is already a quantized model; give the full-precision HF directory")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    model_dir, out_dir = _check_paths(args)
     model = load_pretrained(model_dir)
     config = model.config
     ids = load_calibration(
@@ -276,34 +302,17 @@ def run(args: argparse.Namespace) -> int:
     )
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=scheme)
     lcfg = LoraConfig(rank=args.rank, alpha=args.alpha)
-    fn = get_method(args.method)
     opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, out_dir / WORK_SUBDIR)
-    result = fn(model.params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
-    report = result.report
-    errors = [e for e in report.errors_after if e is not None]
-    summary = {
-        "method": args.method,
-        "bits": args.bits,
-        "group_size": args.group_size,
-        "scheme": scheme,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "nsamples": int(ids.shape[0]),
-        "seqlen": int(ids.shape[1]),
-        "seed": args.seed,
-        "seconds": round(report.seconds, 3),
-        "bits_per_param": quantized_bits_per_param(result.params),
-        "mean_activation_error": float(np.mean(errors)) if errors else None,
-        "activation_errors": errors,
-        "peak_rss_mb": report.peak_rss_mb,
-    }
+    result = get_method(args.method).fn(model.params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed),
+                                        **opts)
+    summary = summarize(args, scheme, ids, result)
     save_quantized(
         out_dir, result.params, result.lora, config,
-        metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": report.to_dict()},
+        metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": result.report.to_dict()},
         tokenizer_source=model_dir,
     )
-    report.save_json(out_dir / "report.json")
-    report.save_plot(out_dir / "report.png")
+    result.report.save_json(out_dir / "report.json")
+    result.report.save_plot(out_dir / "report.png")
     shutil.rmtree(out_dir / WORK_SUBDIR, ignore_errors=True)
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     summary["out"] = str(out_dir)

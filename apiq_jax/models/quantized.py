@@ -39,8 +39,9 @@ def quantize_params(
       params: dense params pytree (weights ``[out, in]``; groups run along ``in``).
       quant_config: bits, group size, scheme, ...
       targets: linears to quantize in every layer (default all seven).
-      clips: optional ``{"layers.<i>.<name>": (gamma, beta)}`` clipping logits, shape
-        ``[out, n_groups]`` each (learned by calibration).
+      clips: optional clipping logits in the shape calibration returns them
+        (``CalibrationResult.extras["clip"]``): ``{"layers": [{name: ClipLogits}]}``, each
+        ``[out, n_groups]``; a linear without an entry is plain RTN.
 
     Returns:
       ``frozen``: same structure, norms/embeddings/head unchanged (shared).
@@ -51,11 +52,17 @@ def quantize_params(
         quantized.
     """
     names = normalize_targets(targets)
-    clips = dict(clips or {})
     layers = params["layers"]
+    clip_layers = list((clips or {"layers": []})["layers"])
+    if len(clip_layers) > len(layers):
+        raise ValueError(f"clip logits for {len(clip_layers)} layers; params have {len(layers)}")
+    clip_layers += [{}] * (len(layers) - len(clip_layers))
     new_layers = []
     for i, layer in enumerate(layers):
         new = dict(layer)
+        unknown = sorted(set(clip_layers[i]) - set(names))
+        if unknown:
+            raise ValueError(f"clip logits given for linears that are not quantized: {[f'layers.{i}.{n}' for n in unknown]}")
         for name in names:
             if name not in layer:
                 raise ValueError(f"layers.{i} has no linear {name!r}; present: {sorted(layer)}")
@@ -64,10 +71,8 @@ def quantize_params(
                 raise ValueError(f"layers.{i}.{name} is already quantized")
             if not bool(jnp.all(jnp.isfinite(w))):
                 raise ValueError(f"layers.{i}.{name} contains non-finite values; quantization needs finite weights")
-            new[name] = _quantize_jit(w, quant_config, clip=clips.pop(f"layers.{i}.{name}", None))
+            new[name] = _quantize_jit(w, quant_config, clip=clip_layers[i].get(name))
         new_layers.append(new)
-    if clips:
-        raise ValueError(f"clip logits given for linears that are not quantized: {sorted(clips)[:6]}")
     frozen = dict(params)
     frozen["layers"] = new_layers
     return frozen

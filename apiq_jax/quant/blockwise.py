@@ -24,19 +24,42 @@ from apiq_jax.quant.packing import pack_codes, unpack_codes
 
 
 def absmax_quantize_int8(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Absmax INT8: returns ``(x_q int8, c)`` with ``c = 127 / absmax(x)``."""
+    """Absmax INT8 of a whole tensor.
+
+    Args:
+      x: any float tensor.
+
+    Returns:
+      ``(x_q, c)``: int8 codes ``round(c x)`` and the float32 constant ``c = 127 / absmax(x)``.
+    """
     absmax = jnp.max(jnp.abs(x))
     c = jnp.where(absmax > 0, 127.0 / absmax, 1.0).astype(jnp.float32)
     return jnp.round(c * x).astype(jnp.int8), c
 
 
 def absmax_dequantize_int8(x_q: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
-    """Inverse of :func:`absmax_quantize_int8`."""
+    """Inverse of :func:`absmax_quantize_int8`.
+
+    Args:
+      x_q: int8 codes.
+      c: the constant.
+
+    Returns:
+      float32 ``x_q / c``.
+    """
     return x_q.astype(jnp.float32) / c
 
 
 def zeropoint_quantize_int8(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Zero-point INT8 over ``[-128, 127]``: returns ``(x_q int8, scale, zero)``."""
+    """Zero-point INT8 of a whole tensor over ``[-128, 127]``.
+
+    Args:
+      x: any float tensor.
+
+    Returns:
+      ``(x_q, scale, zero)``: int8 codes ``clip(round(scale x) + zero)``, ``scale = 255 /
+      (max - min)`` and ``zero = -round(scale min) - 128``.
+    """
     lo, hi = jnp.min(x), jnp.max(x)
     scale = jnp.where(hi > lo, 255.0 / (hi - lo), 1.0).astype(jnp.float32)
     zero = -jnp.round(scale * lo) - 128.0
@@ -45,7 +68,15 @@ def zeropoint_quantize_int8(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, j
 
 
 def zeropoint_dequantize_int8(x_q: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray) -> jnp.ndarray:
-    """Inverse of :func:`zeropoint_quantize_int8`."""
+    """Inverse of :func:`zeropoint_quantize_int8`.
+
+    Args:
+      x_q: int8 codes.
+      scale, zero: the constants.
+
+    Returns:
+      float32 ``(x_q - zero) / scale``.
+    """
     return (x_q.astype(jnp.float32) - zero) / scale
 
 
@@ -78,8 +109,17 @@ class BlockQuantized:
 def blockwise_quantize(x: jnp.ndarray, block_size: int = 64, *, nf_bits: int | None = None) -> BlockQuantized:
     """Quantize the flattened ``x`` in blocks of ``block_size`` with per-block absmax.
 
-    ``nf_bits`` None gives linear INT8 codes in [-127, 127]; 2, 3 or 4 gives NormalFloat
-    codes (indices into :func:`nf_codebook`).
+    Args:
+      x: any float tensor (flattened; the last block is zero-padded).
+      block_size: elements per block.
+      nf_bits: None gives linear INT8 codes in [-127, 127]; 2, 3 or 4 gives NormalFloat
+        codes (indices into :func:`nf_codebook`).
+
+    Returns:
+      The :class:`BlockQuantized` codes and per-block absmax.
+
+    Raises:
+      ValueError: a block size that is not positive.
     """
     blocks = _to_blocks(x, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -94,7 +134,14 @@ def blockwise_quantize(x: jnp.ndarray, block_size: int = 64, *, nf_bits: int | N
 
 
 def blockwise_dequantize(bq: BlockQuantized) -> jnp.ndarray:
-    """Inverse of :func:`blockwise_quantize` (float32, original shape)."""
+    """Inverse of :func:`blockwise_quantize`.
+
+    Args:
+      bq: the block-quantized tensor.
+
+    Returns:
+      float32 values in the original shape.
+    """
     if bq.nf_bits is None:
         v = bq.codes.astype(jnp.float32) / 127.0
     else:
@@ -119,12 +166,24 @@ class DoubleQuantized:
     block_size: int = dataclasses.field(metadata=dict(static=True))
 
     def storage_bits(self) -> int:
-        """Every stored bit: packed codes, per-block absmax and the mean."""
+        """Every stored bit: packed codes, per-block absmax and the mean.
+
+        Returns:
+          The number of bits.
+        """
         return 32 * (self.codes.size + self.absmax.size + self.mean.size)
 
 
 def double_quantize(constants: jnp.ndarray, block_size: int = 256) -> DoubleQuantized:
-    """Quantize float constants to 8 bits in blocks after subtracting their mean."""
+    """Quantize float constants to 8 bits in blocks after subtracting their mean.
+
+    Args:
+      constants: float constants of any shape (e.g. per-group scales).
+      block_size: constants per 8-bit block.
+
+    Returns:
+      The :class:`DoubleQuantized` constants.
+    """
     c = constants.astype(jnp.float32)
     mean = jnp.mean(c)
     bq = blockwise_quantize(c - mean, block_size)
@@ -134,7 +193,14 @@ def double_quantize(constants: jnp.ndarray, block_size: int = 256) -> DoubleQuan
 
 
 def double_dequantize(dq: DoubleQuantized) -> jnp.ndarray:
-    """Inverse of :func:`double_quantize` (float32, the constants' shape)."""
+    """Inverse of :func:`double_quantize`.
+
+    Args:
+      dq: the double-quantized constants.
+
+    Returns:
+      float32 constants in their original shape.
+    """
     n_blocks = dq.absmax.shape[0]
     codes = unpack_codes(dq.codes, 8)[: n_blocks * dq.block_size] - 128
     bq = BlockQuantized(codes.reshape(n_blocks, dq.block_size), dq.absmax, dq.shape, dq.block_size)

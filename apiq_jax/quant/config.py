@@ -71,5 +71,12 @@ class QuantConfig:
         return jnp.dtype(self.scale_dtype)
 
     def resolve_group_size(self, k: int) -> int:
-        """Group size for a last axis of length ``k`` (``None`` becomes ``k``)."""
+        """Group size for a last axis of length ``k``.
+
+        Args:
+          k: the last axis length.
+
+        Returns:
+          ``group_size``, or ``k`` when it is None (one group per row).
+        """
         return k if self.group_size is None else self.group_size

@@ -8,7 +8,15 @@ import jax.numpy as jnp
 
 
 def num_groups(k: int, group_size: int) -> int:
-    """Groups per row for a last axis of length ``k``."""
+    """Groups per row for a last axis of length ``k``.
+
+    Args:
+      k: the last axis length.
+      group_size: elements per group.
+
+    Returns:
+      ``ceil(k / group_size)``.
+    """
     return math.ceil(k / group_size)
 
 
@@ -17,6 +25,13 @@ def to_groups(w: jnp.ndarray, group_size: int) -> jnp.ndarray:
 
     When ``K`` is not a multiple of ``group_size`` the row is padded by repeating its
     last element, which never changes a group's min, max or absmax.
+
+    Args:
+      w: weights ``[..., K]``.
+      group_size: elements per group.
+
+    Returns:
+      ``[..., n_groups, group_size]``.
     """
     k = w.shape[-1]
     pad = num_groups(k, group_size) * group_size - k
@@ -26,6 +41,14 @@ def to_groups(w: jnp.ndarray, group_size: int) -> jnp.ndarray:
 
 
 def from_groups(g: jnp.ndarray, k: int) -> jnp.ndarray:
-    """``[..., n_groups, group_size] -> [..., K]``, dropping the padding."""
+    """``[..., n_groups, group_size] -> [..., K]``, dropping the padding.
+
+    Args:
+      g: grouped values.
+      k: the original last axis length.
+
+    Returns:
+      ``[..., K]``.
+    """
     flat = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])
     return flat[..., :k]

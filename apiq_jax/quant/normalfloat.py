@@ -26,6 +26,15 @@ def nf_codebook(bits: int) -> np.ndarray:
     ``linspace(offset, 0.5, 2^(b-1)+1)[:-1]``, zero, and ``2^(b-1)-1`` negative ones at
     ``linspace(offset, 0.5, 2^(b-1))[:-1]``, normalised by the largest value. The
     probabilities are float32 (``torch.linspace``) as in the reference.
+
+    Args:
+      bits: 2, 3 or 4.
+
+    Returns:
+      float32 levels ``[2^bits]``.
+
+    Raises:
+      ValueError: other bit widths.
     """
     if bits not in (2, 3, 4):
         raise ValueError(f"NormalFloat bits={bits!r} is not supported; accepted: (2, 3, 4)")

@@ -45,13 +45,35 @@ def _unpack_fields(words: jnp.ndarray, width: int) -> jnp.ndarray:
 
 
 def packed_words(k: int, bits: int) -> int:
-    """Number of uint32 words holding ``k`` codes of ``bits`` bits (k a multiple of 32)."""
+    """Number of uint32 words holding ``k`` codes of ``bits`` bits.
+
+    Args:
+      k: codes per row (a multiple of 32).
+      bits: bits per code.
+
+    Returns:
+      ``k * bits / 32``.
+
+    Raises:
+      ValueError: bits that cannot be packed, or ``k`` not a multiple of 32.
+    """
     _check(bits, k)
     return k * bits // 32
 
 
 def pack_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
-    """Pack integer codes in ``[0, 2^bits)`` along the last axis into uint32 words."""
+    """Pack integer codes in ``[0, 2^bits)`` along the last axis into uint32 words.
+
+    Args:
+      codes: integer codes ``[..., k]`` (k a multiple of 32).
+      bits: bits per code (1, 2, 3, 4 or 8).
+
+    Returns:
+      uint32 words ``[..., k * bits / 32]`` in the layout of this module.
+
+    Raises:
+      ValueError: bits that cannot be packed, or ``k`` not a multiple of 32.
+    """
     k = codes.shape[-1]
     _check(bits, k)
     if bits != 3:
@@ -63,7 +85,18 @@ def pack_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
 
 
 def unpack_codes(words: jnp.ndarray, bits: int) -> jnp.ndarray:
-    """Inverse of :func:`pack_codes`: uint32 words -> int32 codes along the last axis."""
+    """Inverse of :func:`pack_codes`.
+
+    Args:
+      words: uint32 words ``[..., k * bits / 32]``.
+      bits: bits per code.
+
+    Returns:
+      int32 codes ``[..., k]``.
+
+    Raises:
+      ValueError: bits that cannot be unpacked, or words that are not uint32.
+    """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits={bits!r} cannot be unpacked; accepted: {PACKABLE_BITS}")
     if words.dtype != jnp.uint32:

@@ -11,6 +11,12 @@ def round_ste(x: jnp.ndarray) -> jnp.ndarray:
 
     Written as ``stop_gradient(round(x) - x) + x`` in the same order as the reference
     ``(x.round() - x).detach() + x`` so the forward values agree bit for bit.
+
+    Args:
+      x: float values.
+
+    Returns:
+      The rounded values (gradient: identity).
     """
     return jax.lax.stop_gradient(jnp.round(x) - x) + x
 
@@ -21,6 +27,13 @@ def clip_inclusive(x: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndar
 
     This is ``torch.clamp``'s rule; ``jnp.clip`` differs at the boundaries. ``lo`` and
     ``hi`` receive no gradient.
+
+    Args:
+      x: values.
+      lo, hi: the bounds.
+
+    Returns:
+      ``min(max(x, lo), hi)``.
     """
     return jnp.minimum(jnp.maximum(x, lo), hi)
 

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from apiq_jax.quant.blockwise import DoubleQuantized, double_dequantize, double_quantize
+from apiq_jax.quant.clip import ClipLogits, as_clip_logits
 from apiq_jax.quant.config import QuantConfig
 from apiq_jax.quant.groups import from_groups, num_groups, to_groups
 from apiq_jax.quant.packing import PACK_MULTIPLE, pack_codes, unpack_codes
-from apiq_jax.quant.uniform import Clip, GroupParams, _check_weight, dequantize_groups, group_codes, group_params
+from apiq_jax.quant.uniform import GroupParams, _check_weight, dequantize_groups, group_codes, group_params
 
 LAYOUTS = ("storage", "kernel")
 
@@ -97,14 +98,28 @@ class QuantizedTensor:
         return len(self.shape)
 
     def dense_scales(self) -> jnp.ndarray:
-        """Scales as float32 ``[..., n_groups]`` (double quantization undone; storage layout)."""
+        """Scales as float32 (double quantization undone; storage layout).
+
+        Returns:
+          ``[..., n_groups]`` float32.
+
+        Raises:
+          ValueError: a tensor in the kernel layout.
+        """
         self.require_storage("dense_scales()")
         if isinstance(self.scales, DoubleQuantized):
             return double_dequantize(self.scales)
         return self.scales.astype(jnp.float32)
 
     def dense_zeros(self) -> jnp.ndarray:
-        """Zero points as float32 ``[..., n_groups]`` (constants for "sym", 0 for "nf"; storage layout)."""
+        """Zero points as float32 (constants for "sym", 0 for "nf"; storage layout).
+
+        Returns:
+          ``[..., n_groups]`` float32.
+
+        Raises:
+          ValueError: a tensor in the kernel layout.
+        """
         self.require_storage("dense_zeros()")
         lead = self.shape[:-1]
         if self.scheme == "sym":
@@ -116,13 +131,27 @@ class QuantizedTensor:
         return self.zeros.astype(jnp.float32)
 
     def unpacked_codes(self) -> jnp.ndarray:
-        """Integer codes ``[..., n_groups * group_size]`` (padding included, packing removed; storage layout)."""
+        """Integer codes with the packing removed (padding included; storage layout).
+
+        Returns:
+          int32 ``[..., n_groups * group_size]``.
+
+        Raises:
+          ValueError: a tensor in the kernel layout.
+        """
         self.require_storage("unpacked_codes()")
         return unpack_codes(self.codes, self.bits)[..., : self.n_groups * self.group_size]
 
     # --- serialization -------------------------------------------------------------------
     def to_state_dict(self) -> dict[str, np.ndarray]:
-        """Flat name -> numpy array mapping of every stored array (for safetensors; storage layout only)."""
+        """Every stored array by name, for safetensors (storage layout only).
+
+        Returns:
+          ``{name: numpy array}`` (codes, scales or scales.*, zeros).
+
+        Raises:
+          ValueError: a tensor in the kernel layout.
+        """
         self.require_storage("saving (to_state_dict())")
         out = {"codes": np.asarray(self.codes)}
         if isinstance(self.scales, DoubleQuantized):
@@ -138,13 +167,28 @@ class QuantizedTensor:
         return out
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-able static data needed to rebuild the tensor with :meth:`from_state_dict` (storage layout only)."""
+        """JSON-able static data that :meth:`from_state_dict` rebuilds the tensor with (storage layout only).
+
+        Returns:
+          ``{"shape", "dtype", "config"}``.
+
+        Raises:
+          ValueError: a tensor in the kernel layout.
+        """
         self.require_storage("saving (metadata())")
         return {"shape": list(self.shape), "dtype": self.dtype, "config": dataclasses.asdict(self.config)}
 
     @classmethod
     def from_state_dict(cls, arrays: dict[str, Any], metadata: dict[str, Any]) -> "QuantizedTensor":
-        """Inverse of :meth:`to_state_dict` + :meth:`metadata`."""
+        """Inverse of :meth:`to_state_dict` + :meth:`metadata`.
+
+        Args:
+          arrays: the stored arrays by name.
+          metadata: the static data.
+
+        Returns:
+          The :class:`QuantizedTensor` (storage layout).
+        """
         cfg = QuantConfig(**metadata["config"])
         shape = tuple(int(s) for s in metadata["shape"])
         if "scales.codes" in arrays:
@@ -178,46 +222,96 @@ def _check_finite(w: jnp.ndarray) -> None:
         )
 
 
-def quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: Clip | None = None) -> QuantizedTensor:
+def quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: ClipLogits | None = None) -> QuantizedTensor:
     """Quantize a 2-D weight ``[N, K]`` group-wise along ``K`` into bit-packed storage.
 
-    Without double quantization ``dequantize(quantize(w, cfg, clip=c))`` equals
-    ``fake_quantize(w, cfg, clip=c)`` exactly. With it, the scales are stored in 8 bits
-    and the codes are chosen against the stored (double-dequantized) scales.
-    Raises ValueError for non-2-D or non-finite weights and wrongly shaped clip logits.
+    The one route from a dense weight to a :class:`QuantizedTensor` (RTN when ``clip`` is
+    None, ApiQ's learned clipping otherwise). Without double quantization
+    ``dequantize(quantize(w, cfg, clip=c))`` equals ``fake_quantize(w, cfg, clip=c)``
+    exactly. With it, the scales are stored in 8 bits and the codes are chosen against the
+    stored (double-dequantized) scales.
+
+    Args:
+      w: float weight ``[N, K]``.
+      cfg: the quantization config.
+      clip: optional :class:`~apiq_jax.quant.ClipLogits` ``[N, n_groups]`` each.
+
+    Returns:
+      The :class:`QuantizedTensor` (storage layout, dequantizing to ``w``'s dtype).
+
+    Raises:
+      ValueError: a weight that is not 2-D or not finite, or wrongly shaped clip logits.
     """
     if getattr(w, "ndim", None) != 2:
         raise ValueError(
             f"quantize expects a 2-D weight [out, in], got shape {getattr(w, 'shape', None)}; "
             "use fake_quantize or jax.vmap for other ranks"
         )
+    clip = as_clip_logits(clip)
     _check_weight(w, cfg, clip)
     _check_finite(w)
-    k = w.shape[-1]
-    gs = cfg.resolve_group_size(k)
+    gs = cfg.resolve_group_size(w.shape[-1])
     groups = jax.lax.stop_gradient(to_groups(w, gs))
     params = group_params(groups, cfg, None if clip is None else jax.tree.map(jax.lax.stop_gradient, clip))
-    scales: Any
-    zeros: Any = None
-    if cfg.double_quant:
-        scales = double_quantize(params.scale[..., 0], cfg.dq_block_size)
-        stored_scale = double_dequantize(scales)[..., None]
-        zero = jnp.clip(params.zero, 0, cfg.qmax) if cfg.scheme == "asym" else params.zero
-        params = GroupParams(stored_scale, zero)
-        if cfg.scheme == "asym":
-            zeros = pack_codes(_pad_to_pack(zero[..., 0].astype(jnp.uint32)), cfg.bits)
-    else:
-        scales = params.scale[..., 0].astype(cfg.jnp_scale_dtype)
-        if cfg.scheme == "asym":
-            zeros = params.zero[..., 0].astype(jnp.int16)
+    if not cfg.double_quant:
+        codes = group_codes(groups, params, cfg)
+        return from_codes(codes.reshape(*codes.shape[:-2], -1), params.scale[..., 0], params.zero[..., 0],
+                          tuple(w.shape), cfg, w.dtype)
+    scales = double_quantize(params.scale[..., 0], cfg.dq_block_size)
+    zero = jnp.clip(params.zero, 0, cfg.qmax) if cfg.scheme == "asym" else params.zero
+    params = GroupParams(double_dequantize(scales)[..., None], zero)
+    zeros = pack_codes(_pad_to_pack(zero[..., 0].astype(jnp.uint32)), cfg.bits) if cfg.scheme == "asym" else None
     codes = group_codes(groups, params, cfg).astype(jnp.uint32)
-    flat = codes.reshape(*codes.shape[:-2], -1)
-    packed = pack_codes(_pad_to_pack(flat), cfg.bits)
+    packed = pack_codes(_pad_to_pack(codes.reshape(*codes.shape[:-2], -1)), cfg.bits)
     return QuantizedTensor(packed, scales, zeros, tuple(w.shape), cfg, jnp.dtype(w.dtype).name)
 
 
+def from_codes(
+    codes: jnp.ndarray, scales: jnp.ndarray, zeros: jnp.ndarray | None, shape: tuple[int, ...],
+    cfg: QuantConfig, dtype: Any,
+) -> QuantizedTensor:
+    """A :class:`QuantizedTensor` from integer codes chosen by the caller (:func:`quantize`, GPTQ).
+
+    Lays the codes and constants out exactly as :func:`quantize` stores them: codes padded
+    to a multiple of 32 and bit-packed, scales in ``cfg.scale_dtype``, int16 zero points
+    for "asym" (none for "sym" and "nf"). The caller is responsible for codes that are
+    consistent with the constants (``dequantize`` returns ``(codes - zeros) * scales``, or
+    the NormalFloat level times the scale).
+
+    Args:
+      codes: integer-valued codes ``[N, n_groups * group_size]`` in ``[0, 2^bits - 1]``.
+      scales: per-group scales ``[N, n_groups]`` (already rounded to ``cfg.scale_dtype``).
+      zeros: per-group zero points ``[N, n_groups]`` for "asym"; ignored otherwise.
+      shape: the logical weight shape ``(N, K)``.
+      cfg: the quantization config (without double quantization).
+      dtype: the dtype :func:`dequantize` returns.
+
+    Returns:
+      The :class:`QuantizedTensor` (storage layout).
+
+    Raises:
+      ValueError: ``cfg.double_quant`` (the stored scales would differ from ``scales``).
+    """
+    if cfg.double_quant:
+        raise ValueError("from_codes stores exact per-group scales; use double_quant=False (or quantize())")
+    packed = pack_codes(_pad_to_pack(codes.astype(jnp.uint32)), cfg.bits)
+    zero_points = zeros.astype(jnp.int16) if cfg.scheme == "asym" else None
+    return QuantizedTensor(packed, scales.astype(cfg.jnp_scale_dtype), zero_points, tuple(shape), cfg,
+                           jnp.dtype(dtype).name)
+
+
 def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
-    """The dense weight ``[N, K]`` (in ``qt.dtype``) that ``qt`` stores (storage layout)."""
+    """The dense weight that ``qt`` stores.
+
+    Args:
+      qt: a QuantizedTensor in the storage layout.
+
+    Returns:
+      ``[N, K]`` in ``qt.dtype``.
+
+    Raises:
+      ValueError: a tensor in the kernel layout.
+    """
     qt.require_storage("quant.dequantize()")
     lead, k = qt.shape[:-1], qt.shape[-1]
     codes = qt.unpacked_codes().astype(jnp.float32).reshape(*lead, qt.n_groups, qt.group_size)
@@ -226,7 +320,17 @@ def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
 
 
 def bits_per_param(qt: QuantizedTensor) -> float:
-    """Every stored bit (packed codes incl. padding, scales, zeros, nested constants) per weight (storage layout)."""
+    """Every stored bit per weight: packed codes incl. padding, scales, zeros, nested constants.
+
+    Args:
+      qt: a QuantizedTensor in the storage layout.
+
+    Returns:
+      Stored bits divided by the number of weights.
+
+    Raises:
+      ValueError: a tensor in the kernel layout.
+    """
     qt.require_storage("bits_per_param()")
     bits = qt.codes.size * 32
     if isinstance(qt.scales, DoubleQuantized):

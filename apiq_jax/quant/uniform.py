@@ -19,8 +19,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from apiq_jax.quant.clip import ClipLogits, as_clip_logits, clip_shape
 from apiq_jax.quant.config import QuantConfig
-from apiq_jax.quant.groups import from_groups, num_groups, to_groups
+from apiq_jax.quant.groups import from_groups, to_groups
 from apiq_jax.quant.normalfloat import nf_codebook
 from apiq_jax.quant.ste import clip_inclusive, round_ste
 
@@ -28,7 +29,6 @@ SCALE_MIN = 1e-5
 SCALE_MAX = 1e4
 ZERO_LIMIT = 1e4
 
-Clip = tuple[jnp.ndarray, jnp.ndarray]
 
 
 class GroupParams(NamedTuple):
@@ -38,27 +38,14 @@ class GroupParams(NamedTuple):
     zero: jnp.ndarray
 
 
-def clip_shape(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, ...]:
-    """Shape of each clipping-logit array for a weight of ``shape``."""
-    return tuple(shape[:-1]) + (num_groups(shape[-1], cfg.resolve_group_size(shape[-1])),)
-
-
-def init_clip(shape: tuple[int, ...], cfg: QuantConfig, value: float = 4.0) -> Clip:
-    """Clipping logits (gamma, beta) initialised to ``value`` (4.0 in ApiQ)."""
-    s = clip_shape(shape, cfg)
-    return jnp.full(s, value, jnp.float32), jnp.full(s, value, jnp.float32)
-
-
-def _check_weight(w: jnp.ndarray, cfg: QuantConfig, clip: Clip | None) -> None:
+def _check_weight(w: jnp.ndarray, cfg: QuantConfig, clip: ClipLogits | None) -> None:
     if w.ndim < 1:
         raise ValueError(f"weight must have at least one axis, got shape {w.shape}")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"weight dtype must be floating point, got {w.dtype}")
     if clip is not None:
-        if len(clip) != 2:
-            raise ValueError("clip must be a pair (gamma, beta) of logit arrays")
         want = clip_shape(w.shape, cfg)
-        for name, c in zip(("gamma", "beta"), clip):
+        for name, c in (("gamma", clip.gamma), ("beta", clip.beta)):
             if tuple(c.shape) != want:
                 raise ValueError(
                     f"clip logits {name} have shape {tuple(c.shape)}; expected {want} "
@@ -73,24 +60,39 @@ def true_divide(x: jnp.ndarray, d) -> jnp.ndarray:
     ``x * broadcast(1 / d)``, which is up to 1 ulp off and flips rounding ties relative to
     the reference. Broadcasting ``d`` to ``x``'s shape behind an optimization barrier
     keeps the true division.
+
+    Args:
+      x: dividends.
+      d: divisors, broadcastable to ``x``.
+
+    Returns:
+      ``x / d`` elementwise.
     """
     d = jnp.broadcast_to(jnp.asarray(d, x.dtype), x.shape)
     return x / jax.lax.optimization_barrier(d)
 
 
-def group_params(groups: jnp.ndarray, cfg: QuantConfig, clip: Clip | None = None) -> GroupParams:
+def group_params(groups: jnp.ndarray, cfg: QuantConfig, clip: ClipLogits | None = None) -> GroupParams:
     """Scale and zero point of every group of ``groups`` ``[..., n_groups, gs]`` (float32).
 
     The scale is rounded to ``cfg.scale_dtype`` (its storage dtype) before the zero
     point and codes are derived from it.
+
+    Args:
+      groups: grouped weights ``[..., n_groups, gs]``.
+      cfg: the quantization config.
+      clip: optional :class:`~apiq_jax.quant.ClipLogits` ``[..., n_groups]`` each.
+
+    Returns:
+      :class:`GroupParams` of ``[..., n_groups, 1]`` each.
     """
     g = groups.astype(jnp.float32)
     xmax = jnp.max(g, axis=-1, keepdims=True)
     xmin = jnp.min(g, axis=-1, keepdims=True)
+    clip = as_clip_logits(clip)
     if clip is not None:
-        gamma, beta = clip
-        xmax = jax.nn.sigmoid(gamma.astype(jnp.float32))[..., None] * xmax
-        xmin = jax.nn.sigmoid(beta.astype(jnp.float32))[..., None] * xmin
+        xmax = jax.nn.sigmoid(clip.gamma.astype(jnp.float32))[..., None] * xmax
+        xmin = jax.nn.sigmoid(clip.beta.astype(jnp.float32))[..., None] * xmin
     if cfg.scheme == "asym":
         scale = clip_inclusive(true_divide(xmax - xmin, cfg.qmax), SCALE_MIN, SCALE_MAX)
         scale = _to_storage(scale, cfg)
@@ -115,7 +117,16 @@ def _to_storage(scale: jnp.ndarray, cfg: QuantConfig) -> jnp.ndarray:
 
 
 def group_codes(groups: jnp.ndarray, params: GroupParams, cfg: QuantConfig) -> jnp.ndarray:
-    """Integer codes (as float32 values, straight-through differentiable) of every group."""
+    """Integer codes of every group (float32 values, straight-through differentiable).
+
+    Args:
+      groups: grouped weights ``[..., n_groups, gs]``.
+      params: their :class:`GroupParams`.
+      cfg: the quantization config.
+
+    Returns:
+      Codes in ``[0, 2^bits - 1]``, shaped like ``groups``.
+    """
     g = groups.astype(jnp.float32)
     if cfg.scheme == "nf":
         book = jnp.asarray(nf_codebook(cfg.bits))
@@ -126,26 +137,36 @@ def group_codes(groups: jnp.ndarray, params: GroupParams, cfg: QuantConfig) -> j
 
 
 def dequantize_groups(codes: jnp.ndarray, params: GroupParams, cfg: QuantConfig) -> jnp.ndarray:
-    """``(q - z) * s`` for the uniform schemes, ``codebook[q] * s`` for NormalFloat."""
+    """``(q - z) * s`` for the uniform schemes, ``codebook[q] * s`` for NormalFloat.
+
+    Args:
+      codes: codes shaped like the groups.
+      params: the groups' :class:`GroupParams`.
+      cfg: the quantization config.
+
+    Returns:
+      The dequantized groups (float32).
+    """
     if cfg.scheme == "nf":
         book = jnp.asarray(nf_codebook(cfg.bits))
         return book[codes.astype(jnp.int32)] * params.scale
     return (codes - params.zero) * params.scale
 
 
-def fake_quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: Clip | None = None) -> jnp.ndarray:
+def fake_quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: ClipLogits | None = None) -> jnp.ndarray:
     """Quantize and dequantize ``w`` along its last axis, differentiably.
 
     Args:
       w: weights ``[..., K]`` (PyTorch ``[out, in]`` layout for a linear layer).
       cfg: the quantization config.
-      clip: optional (gamma, beta) clipping logits of shape ``w.shape[:-1] + (n_groups,)``;
-        ``None`` is plain round-to-nearest over the full min/max range.
+      clip: optional :class:`~apiq_jax.quant.ClipLogits` of shape ``w.shape[:-1] + (n_groups,)``
+        each; ``None`` is plain round-to-nearest over the full min/max range.
 
     Returns:
       ``w_hat`` with ``w``'s shape and dtype. Gradients reach ``w`` (straight-through)
       and the clipping logits.
     """
+    clip = as_clip_logits(clip)
     _check_weight(w, cfg, clip)
     k = w.shape[-1]
     groups = to_groups(w, cfg.resolve_group_size(k))

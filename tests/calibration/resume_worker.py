@@ -31,8 +31,9 @@ def tiny_setup() -> tuple[dict, np.ndarray]:
     return params, ids
 
 
-def run(work_dir, pause_after_block: int | None = None, **kw):
-    from apiq_jax.calibration import apiq_bw
+def run(work_dir, pause_after_block: int | None = None, **options):
+    """ApiQ-bw on :func:`tiny_setup` (``EPOCHS`` epochs; ``options`` override other ApiQOptions fields)."""
+    from apiq_jax.calibration import ApiQOptions, apiq_bw
 
     params, ids = tiny_setup()
 
@@ -41,8 +42,8 @@ def run(work_dir, pause_after_block: int | None = None, **kw):
             print(f"block {i} checkpointed", flush=True)
             time.sleep(600)
 
-    return apiq_bw(params, CFG, ids, QCFG, LCFG, key=jax.random.PRNGKey(1), epochs=EPOCHS, work_dir=work_dir,
-                   on_block_end=hook, **kw)
+    return apiq_bw(params, CFG, ids, QCFG, LCFG, key=jax.random.PRNGKey(1),
+                   options=ApiQOptions(epochs=EPOCHS, **options), work_dir=work_dir, on_block_end=hook)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 from apiq_jax.compare import compare_methods
 from apiq_jax.lora import LoraConfig
 from apiq_jax.models import load_pretrained
+from apiq_jax.models.llama import linear_shapes
 from tests.conftest import require_shared
 
 BASELINES = ("rtn", "qlora", "loftq")
@@ -48,8 +49,21 @@ def test_apiq_bw_has_lowest_activation_error_in_every_block(rows):
         assert np.all(apiq < other), (name, apiq.tolist(), other.tolist())
 
 
+def _stored_bits_per_param(config, bits: int, group: int, scheme: str) -> float:
+    """Codes (rows padded to whole groups and to multiples of 32 codes) + fp16 scales (+ int16 zero points)."""
+    stored = weights = 0
+    for out_f, in_f in linear_shapes(config).values():
+        groups = -(-in_f // group)
+        codes = -(-groups * group // 32) * 32 * bits
+        stored += out_f * (codes + groups * (16 + (16 if scheme == "asym" else 0)))
+        weights += out_f * in_f
+    return stored / weights
+
+
 def test_two_bit_storage(rows):
+    config = load_pretrained(require_shared("models", "stories260K")).config
     for name in BASELINES + ("apiq-bw",):
         # 2-bit codes + fp16 constants per group of 64 (2.25 / 2.5 bits), plus the padding of
         # the 172-wide down_proj input to 192 columns, which is stored too
-        assert 2.0 < rows[name]["bits_per_param"] <= 2.6
+        want = _stored_bits_per_param(config, 2, 64, rows[name]["scheme"])
+        assert rows[name]["bits_per_param"] == pytest.approx(want, rel=1e-12), (name, want)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from apiq_jax.cli import main
-from apiq_jax.commands import common
 from apiq_jax.commands import quantize as qcmd
 from apiq_jax.models import load_quantized
 from apiq_jax.models.llama import LINEARS
@@ -115,21 +114,24 @@ def test_load_calibration(tiny_dir, data, tmp_path):
 
 
 def test_loftq_iterations_come_from_one_place():
-    """quantize's default and the demo's count are the named constants of commands.common."""
+    """quantize's default and the demo's count are the registry's (apiq_jax.calibration.registry)."""
     from apiq_jax import compare
+    from apiq_jax.calibration import get_method
+    from apiq_jax.commands import demo
 
-    assert common.QUANTIZE_LOFTQ_ITERATIONS == 1 and common.DEMO_LOFTQ_ITERATIONS == 5
-    assert compare.LOFTQ_ITERATIONS == common.DEMO_LOFTQ_ITERATIONS  # what the demo actually runs
-    assert f"{common.DEMO_LOFTQ_ITERATIONS} it." in compare.LABELS["loftq"]
+    loftq = get_method("loftq")
+    assert loftq.options["num_iter"] == 1 and loftq.compare_options == {"num_iter": 5}
+    assert compare.comparison_options(loftq) == {"num_iter": 5}  # what the demo actually runs
+    assert demo.DEMO_LOFTQ_ITERATIONS == 5 and "5 it." in loftq.label
     opts = qcmd.method_options("loftq", None, None, False)
-    assert opts["num_iter"] == common.QUANTIZE_LOFTQ_ITERATIONS
+    assert opts["num_iter"] == loftq.options["num_iter"]
     assert qcmd.method_options("loftq", None, 3, False)["num_iter"] == 3
     assert "num_iter" not in qcmd.method_options("rtn", None, None, False)
     p = argparse.ArgumentParser()
     qcmd.add_arguments(p)
     help_text = " ".join(p.format_help().split())
-    assert f"LoftQ alternations (default {common.QUANTIZE_LOFTQ_ITERATIONS}" in help_text
-    assert f"demo runs {common.DEMO_LOFTQ_ITERATIONS}" in help_text
+    assert "LoftQ alternations (default 1" in help_text
+    assert "demo runs 5" in help_text
 
 
 def test_interrupted_quantize_resumes_on_rerun(tiny_dir, data, tmp_path, capsys, monkeypatch):

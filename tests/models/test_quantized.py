@@ -22,7 +22,7 @@ from apiq_jax.models import (
     quantize_params,
     quantized_linear_names,
 )
-from apiq_jax.quant import QuantConfig, QuantizedTensor, init_clip, quantize
+from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, init_clip, quantize
 from tests.conftest import require_shared
 
 # MLP width 172 (like stories260K) is not a multiple of the group size 64: padded last group.
@@ -147,14 +147,14 @@ def test_clip_logits_are_used(setup):
     params, _, _, _ = setup
     w = params["layers"][1]["up_proj"]
     gamma, beta = init_clip(w.shape, QCFG)
-    clip = (gamma - 3.0, beta - 3.0)  # tighter clipping range
-    frozen = quantize_params(params, QCFG, targets=("up_proj",), clips={"layers.1.up_proj": clip})
+    clip = ClipLogits(gamma - 3.0, beta - 3.0)  # tighter clipping range
+    frozen = quantize_params(params, QCFG, targets=("up_proj",), clips={"layers": [{}, {"up_proj": clip}]})
     expected = quantize(w, QCFG, clip=clip)
     np.testing.assert_array_equal(np.asarray(frozen["layers"][1]["up_proj"].codes), np.asarray(expected.codes))
     plain = quantize(w, QCFG)
     assert not np.array_equal(np.asarray(plain.scales), np.asarray(expected.scales))
     with pytest.raises(ValueError, match="not quantized.*layers.0.q_proj"):
-        quantize_params(params, QCFG, targets=("up_proj",), clips={"layers.0.q_proj": clip})
+        quantize_params(params, QCFG, targets=("up_proj",), clips={"layers": [{"q_proj": clip}]})
 
 
 def test_block_forward_accepts_quantized_leaves_and_lora(setup):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apiq_jax.quant import QuantConfig, dequantize, fake_quantize, quantize
+from apiq_jax.quant import ClipLogits, QuantConfig, dequantize, fake_quantize, quantize
 from tests.conftest import require_shared
 
 CASES = [f"b{b}_{s}_{i}" for b in (2, 3, 4) for s in ("asym", "sym") for i in ("init", "random")]
@@ -27,7 +27,7 @@ def golden():
 def _case(golden, name):
     bits, scheme = int(name[1]), name.split("_")[1]
     cfg = QuantConfig(bits=bits, group_size=64, scheme=scheme, scale_dtype="float32")
-    clip = (
+    clip = ClipLogits(
         jnp.asarray(golden[f"{name}/up_logits"]).reshape(48, 2),
         jnp.asarray(golden[f"{name}/low_logits"]).reshape(48, 2),
     )
@@ -56,7 +56,8 @@ def test_straight_through_gradients(golden, name):
     def objective(w, clip):
         return jnp.sum(fake_quantize(w, cfg, clip=clip) * g)
 
-    grad_w, (grad_up, grad_low) = jax.grad(objective, argnums=(0, 1))(w, clip)
+    grad_w, grad_clip = jax.grad(objective, argnums=(0, 1))(w, clip)
+    grad_up, grad_low = grad_clip.gamma, grad_clip.beta
     np.testing.assert_allclose(grad_w, golden[f"{name}/grad_W"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(grad_up.reshape(-1, 1), golden[f"{name}/grad_up"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(grad_low.reshape(-1, 1), golden[f"{name}/grad_low"], rtol=0, atol=1e-6)

@@ -21,7 +21,7 @@ from apiq_jax.quant import (
     bits_per_param,
     dequantize,
     fake_quantize,
-    init_clip,
+    from_codes,
     nf_codebook,
     quantize,
 )
@@ -61,9 +61,9 @@ def test_matches_float64_reference_and_error_bound(bits, scheme, gs, n, k, seed)
     w_hat = np.asarray(fake_quantize(jnp.asarray(w), cfg))
     ref = numpy_rtn(w, bits, gs, scheme)
     assert w_hat.shape == w.shape
-    # float32 vs float64: codes agree except exactly at rounding ties; values to 1e-6.
-    close = np.isclose(w_hat, ref, rtol=0, atol=1e-6)
-    assert close.mean() > 0.99
+    # float32 vs float64 could flip a code exactly at a rounding tie; in these (derandomized)
+    # examples none does: every value agrees to 1e-6 (measured: all 26 examples, 100%)
+    np.testing.assert_allclose(w_hat, ref, rtol=0, atol=1e-6)
     # Error bounded by half a step inside the representable range (RTN, no clipping). Outside
     # it lie groups whose zero point -min/scale exceeds the reference's clamp of 1e4: e.g. a
     # constant group (scale clamped to 1e-5) with |w| > 0.1 is, as in the reference, not
@@ -100,17 +100,6 @@ def test_fp16_scales_are_simulated_exactly():
     qt = quantize(w, cfg)
     assert qt.scales.dtype == jnp.float16 and qt.zeros.dtype == jnp.int16
     np.testing.assert_array_equal(dequantize(qt), fake_quantize(w, cfg))
-
-
-def test_clip_logits_shrink_the_range_and_get_gradients():
-    w = jnp.asarray(np.random.default_rng(2).normal(0, 0.02, (4, 128)), jnp.float32)
-    cfg = QuantConfig(bits=2, group_size=64, scheme="asym", scale_dtype="float32")
-    gamma, beta = init_clip(w.shape, cfg, value=0.0)  # sigmoid(0) = 0.5: half the range
-    s_half = quantize(w, cfg, clip=(gamma, beta)).dense_scales()
-    s_full = quantize(w, cfg).dense_scales()
-    np.testing.assert_allclose(s_half, 0.5 * s_full, rtol=1e-6)
-    grads = jax.grad(lambda c: jnp.sum(fake_quantize(w, cfg, clip=c) ** 2))((gamma, beta))
-    assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
 
 
 def test_jit_and_vmap():
@@ -236,3 +225,21 @@ def test_quantize_rejects_bad_weights():
         quantize(jnp.ones((4, 64)), cfg, clip=(jnp.zeros((4, 3)), jnp.zeros((4, 1))))
     with pytest.raises(ValueError, match="floating point"):
         fake_quantize(jnp.ones((4, 64), jnp.int32), cfg)
+
+
+@pytest.mark.parametrize("scheme", ["asym", "sym", "nf"])
+def test_from_codes_stores_what_quantize_stores(scheme):
+    """quantize() lays its codes out through from_codes(): rebuilding from the codes gives the same tensor."""
+    w = jnp.asarray(np.random.default_rng(5).normal(0, 0.02, (6, 100)), jnp.float32)
+    cfg = QuantConfig(bits=3, group_size=32, scheme=scheme)
+    qt = quantize(w, cfg)
+    codes = qt.unpacked_codes()
+    zeros = None if qt.zeros is None else qt.dense_zeros()
+    again = from_codes(codes, qt.dense_scales(), zeros, qt.shape, cfg, jnp.float32)
+    assert jax.tree.structure(again) == jax.tree.structure(qt)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(qt)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="double_quant=False"):
+        from_codes(codes, qt.dense_scales(), zeros, qt.shape, QuantConfig(bits=3, group_size=32, double_quant=True),
+                   jnp.float32)

@@ -1,0 +1,98 @@
+"""ApiQ-bw math: the block loss and the compiled optimisation of one block (arrays in, arrays out).
+
+For block ``F`` with dense weights ``W``, quantized-stream input ``x_q`` and targets
+``t1 = F(x_fp; W)``, ``t2 = F(x_q; W)``, ApiQ-bw minimises over the clipping logits and the
+LoRA factors of the block::
+
+    mean((t1 - F(x_q; Q(W; clip), a, b))^2) + mean((t2 - F(x_q; Q(W; clip), a, b))^2)
+
+(the second term with ``aug_loss``) with AdamW, batch by batch, for ``epochs`` passes.
+The wiring (streams, freezing, reports) is :mod:`apiq_jax.calibration.apiq_bw`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from apiq_jax.calibration.adamw import run_epochs
+from apiq_jax.calibration.blocks import fake_quant_layer
+from apiq_jax.calibration.options import ApiQOptions
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import block_forward
+from apiq_jax.quant import QuantConfig
+
+__all__ = ["bw_block_loss", "train_block_bw"]
+
+
+def bw_block_loss(
+    train: Mapping[str, Any],
+    layer: Mapping[str, Any],
+    x_q: jnp.ndarray,
+    t1: jnp.ndarray,
+    t2: jnp.ndarray | None,
+    config: ModelConfig,
+    qcfg: QuantConfig,
+    layer_idx: int | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """ApiQ-bw loss of one batch.
+
+    Args:
+      train: ``{"clip": {name: ClipLogits}, "lora": Lora}`` (the block's
+        :class:`~apiq_jax.lora.Lora`); every linear in ``train["clip"]`` is fake-quantized
+        from its dense weight in ``layer``.
+      layer: the block's dense float32 params.
+      x_q: quantized-stream inputs ``[b, s, D]``.
+      t1: full-precision targets ``F(x_fp; W)``.
+      t2: aug targets ``F(x_q; W)``, or None.
+      config: the model config.
+      qcfg: the quantizer.
+      layer_idx: see :func:`apiq_jax.models.llama.block_forward`.
+
+    Returns:
+      ``(loss, [term_fp, term_fp2])`` (the second term 0 without ``t2``).
+    """
+    qlayer = fake_quant_layer(layer, train["clip"], qcfg)
+    y = block_forward(qlayer, x_q, config, lora=train["lora"], layer_idx=layer_idx)
+    l1 = jnp.mean((t1 - y) ** 2)
+    l2 = jnp.mean((t2 - y) ** 2) if t2 is not None else jnp.zeros((), l1.dtype)
+    return l1 + l2, jnp.stack([l1, l2])
+
+
+@partial(jax.jit, static_argnames=("config", "qcfg", "opts", "layer_idx"))
+def train_block_bw(
+    layer: Mapping[str, Any], train0: Mapping[str, Any], x_q: jnp.ndarray, t1: jnp.ndarray, t2: jnp.ndarray | None,
+    progress: jnp.ndarray | None = None, *, config: ModelConfig, qcfg: QuantConfig, opts: ApiQOptions,
+    layer_idx: int | None = None,
+) -> tuple[Any, jnp.ndarray, jnp.ndarray]:
+    """The whole ApiQ-bw optimisation of one block, as one compiled program.
+
+    Samples are taken in order, ``opts.batch_size`` at a time, for ``opts.epochs`` epochs
+    (a ``lax.scan`` over batches inside a ``lax.scan`` over epochs).
+
+    Args:
+      layer: the block's dense float32 params.
+      train0: the initial ``{"clip", "lora"}`` state.
+      x_q, t1, t2: ``[n, s, D]`` (``t2`` None without aug_loss).
+      progress: a progress token (reported after every epoch), or None.
+      config, qcfg, opts, layer_idx: static; see :func:`bw_block_loss` and
+        :class:`~apiq_jax.calibration.options.ApiQOptions`.
+
+    Returns:
+      ``(train, losses [epochs, n_batches], terms [epochs, n_batches, 2])``.
+    """
+    bs = opts.batch_size
+    nb = x_q.shape[0] // bs
+
+    def batched(x):
+        return None if x is None else x.reshape(nb, bs, *x.shape[1:])
+
+    def loss_fn(train, batch):
+        xb, t1b, t2b = batch
+        return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
+
+    return run_epochs(loss_fn, train0, (batched(x_q), batched(t1), batched(t2)), opts, progress)

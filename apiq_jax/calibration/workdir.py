@@ -1,0 +1,203 @@
+"""The resumable work directory of a calibration run (:class:`WorkDir`).
+
+Layout (every checkpoint through :class:`apiq_jax.checkpoint.Checkpointer`)::
+
+    fingerprint.json      what the run is (method, configs, options, digests of params and ids)
+    blocks/<i>/           block i's state (ApiQ: clip logits + LoRA), every block kept
+    streams/<i>/          the activations after block i; only the newest is kept, and its
+                          presence marks block i (and all before it) as finished
+    block_reports.json    the finished blocks' reports
+
+A run killed at any point resumes after the last block whose streams were written, with a
+result bit-identical to an uninterrupted run; a state written without its streams (killed
+in between) is discarded and the block redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apiq_jax.calibration.reports import BlockReport
+from apiq_jax.checkpoint import Checkpointer
+
+__all__ = ["WorkDir", "digest", "run_fingerprint"]
+
+
+class WorkDir:
+    """Per-block checkpoints of one calibration run.
+
+    Args:
+      path: the directory (created).
+      fingerprint: JSON-able description of the run (:func:`run_fingerprint`).
+      n_blocks: number of blocks (all block states are kept).
+
+    Raises:
+      ValueError: ``path`` holds a different run (the message names what differs).
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], n_blocks: int) -> None:
+        self.path = Path(path).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._check_fingerprint(fingerprint)
+        self.streams = Checkpointer(self.path / "streams", max_to_keep=1)
+        for stale in _step_dirs(self.path / "blocks", first=self.next_block()):
+            shutil.rmtree(stale)  # a state saved by a run killed before its streams were
+        self.blocks = Checkpointer(self.path / "blocks", max_to_keep=max(1, n_blocks))
+        self.reports_file = self.path / "block_reports.json"
+
+    def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        fp_file = self.path / "fingerprint.json"
+        if not fp_file.exists():
+            _atomic_write(fp_file, json.dumps(fingerprint, indent=2))
+            return
+        old = json.loads(fp_file.read_text())
+        if old != fingerprint:
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise ValueError(
+                f"work_dir {self.path} holds a different calibration run (differs in {diff}); "
+                "use a new work_dir or delete it to start over"
+            )
+
+    def next_block(self) -> int:
+        """Index of the first block that has not finished.
+
+        Returns:
+          0 when nothing was saved.
+        """
+        last = self.streams.latest_step()
+        return 0 if last is None else last + 1
+
+    def reports(self) -> dict[int, BlockReport]:
+        """The saved block reports.
+
+        Returns:
+          ``{block index: BlockReport}``.
+        """
+        if not self.reports_file.exists():
+            return {}
+        return {int(k): BlockReport.from_dict(v) for k, v in json.loads(self.reports_file.read_text()).items()}
+
+    def save(self, i: int, state: Any, streams: Any, report: BlockReport) -> None:
+        """Persist finished block ``i``: its state, then its report, then the streams that mark it done.
+
+        Args:
+          i: the block index.
+          state: the block's state pytree.
+          streams: the activations after block i.
+          report: the block's report.
+
+        Returns:
+          None.
+        """
+        self.blocks.save(i, state)
+        reports = {k: v.to_dict() for k, v in self.reports().items() if k < i}
+        reports[i] = report.to_dict()
+        _atomic_write(self.reports_file, json.dumps({str(k): v for k, v in sorted(reports.items())}, indent=1))
+        self.streams.save(i, streams)
+
+    def restore_state(self, i: int, template: Any) -> Any:
+        """Block ``i``'s state, in the structure and dtypes of ``template``.
+
+        Args:
+          i: a finished block.
+          template: a pytree like the saved state.
+
+        Returns:
+          The restored state.
+        """
+        return self.blocks.restore(i, template)
+
+    def restore_streams(self, i: int, template: Any) -> Any:
+        """The streams saved after block ``i`` (the newest finished one).
+
+        Args:
+          i: the last finished block.
+          template: a pytree like the saved streams.
+
+        Returns:
+          The restored streams.
+        """
+        return self.streams.restore(i, template)
+
+    def close(self) -> None:
+        """Close the checkpointers.
+
+        Returns:
+          None.
+        """
+        self.blocks.close()
+        self.streams.close()
+
+
+def _step_dirs(directory: Path, first: int) -> list[Path]:
+    """Checkpoint step directories (named by their step) of steps ``>= first``."""
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= first]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def digest(tree: Any) -> str:
+    """Cheap content hash of a pytree (shapes, dtypes and a strided sample of every leaf).
+
+    Args:
+      tree: any pytree of arrays.
+
+    Returns:
+      A hex SHA-256 digest.
+    """
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    h.update(str(treedef).encode())
+    for leaf in leaves:
+        arr = jnp.asarray(leaf)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        flat = arr.reshape(-1)
+        step = max(1, flat.size // 65536)
+        h.update(np.asarray(flat[::step]).tobytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(
+    method: str, model_config: Any, quant_config: Any, lora_config: Any, options: Any, ids: np.ndarray,
+    params: Any, lora0: Any,
+) -> dict[str, Any]:
+    """What identifies a calibration run: equal fingerprints mean a work dir can be resumed.
+
+    Args:
+      method: registry name.
+      model_config, quant_config: dataclass configs.
+      lora_config: the :class:`~apiq_jax.lora.LoraConfig`.
+      options: the method's options (a dataclass with ``to_dict``).
+      ids: the calibration ids.
+      params: the dense params (embeddings and layers are digested).
+      lora0: the initial LoRA.
+
+    Returns:
+      A JSON-able dict.
+    """
+    return {
+        "method": method,
+        "model_config": json.dumps(dataclasses.asdict(model_config), sort_keys=True, default=str),
+        "quant_config": dataclasses.asdict(quant_config),
+        "lora_config": lora_config.to_dict(),
+        "options": options.to_dict(),
+        "calib_ids": hashlib.sha256(ids.tobytes() + str(ids.shape).encode()).hexdigest(),
+        "params": digest({"embed": params["embed_tokens"], "layers": params["layers"]}),
+        "lora_init": digest(lora0),
+    }

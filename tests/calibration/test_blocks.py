@@ -1,0 +1,93 @@
+"""Block helpers (apiq_jax/calibration/blocks.py): the streams against the recorded official run,
+the one freeze route, the float32 view of a frozen layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apiq_jax.calibration.blocks import (
+    as_float32,
+    embed_ids,
+    fake_quant_layer,
+    float32_view,
+    freeze_layer,
+    layer_idx_arg,
+    run_block,
+)
+from apiq_jax.lora import LINEARS
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.quant import QuantizedTensor, dequantize, init_clip, quantize
+from tests.calibration.conftest import TINY_QCFG, golden_start_state
+
+
+def test_block_inputs_and_targets(golden):
+    """Embeddings, full-precision targets, aug targets and the first fake-quantized output."""
+    G = golden
+    g, cfg, qcfg = G["g"], G["cfg"], G["qcfg"]
+    x = embed_ids(G["params"], g["calib_ids"], cfg)
+    np.testing.assert_array_equal(np.asarray(x), g["block0/quant_in"])
+    fp = x
+    for i in range(cfg.num_hidden_layers):
+        layer = G["params"]["layers"][i]
+        q_in = jnp.asarray(g[f"block{i}/quant_in"])
+        fp = run_block(layer, fp, cfg)
+        np.testing.assert_allclose(np.asarray(fp), g[f"block{i}/fp_target"], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(run_block(layer, q_in, cfg)), g[f"block{i}/fp2_target"],
+                                   rtol=0, atol=2e-6)
+        train = golden_start_state(G, i)
+        out = run_block(fake_quant_layer(layer, train["clip"], qcfg), q_in[:1], cfg, train["lora"])[0]
+        np.testing.assert_allclose(np.asarray(out), g[f"block{i}/quant_out_step0"], rtol=0, atol=2e-6)
+
+
+def test_freeze_layer_is_quantize_per_linear(tiny):
+    _, params, _ = tiny
+    layer = params["layers"][0]
+    clip = init_clip(layer["up_proj"].shape, TINY_QCFG, 1.0)
+    frozen = freeze_layer(layer, TINY_QCFG, {"up_proj": clip})
+    for n in LINEARS:
+        want = quantize(layer[n], TINY_QCFG, clip=clip if n == "up_proj" else None)
+        np.testing.assert_array_equal(np.asarray(frozen[n].codes), np.asarray(want.codes))
+        np.testing.assert_array_equal(np.asarray(frozen[n].scales), np.asarray(want.scales))
+    assert frozen["input_layernorm"] is layer["input_layernorm"]
+    # already frozen linears are kept as they are (the same objects)
+    again = freeze_layer(frozen, TINY_QCFG)
+    assert all(again[n] is frozen[n] for n in LINEARS)
+    # only the targets
+    part = freeze_layer(layer, TINY_QCFG, targets=("q_proj",))
+    assert isinstance(part["q_proj"], QuantizedTensor) and part["k_proj"] is layer["k_proj"]
+
+
+def test_freeze_layer_names_the_linear_it_refuses(tiny):
+    _, params, _ = tiny
+    layer = dict(params["layers"][0])
+    layer["v_proj"] = layer["v_proj"].at[1, 2].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"layers\.1\.v_proj: weight contains 1 non-finite"):
+        freeze_layer(layer, TINY_QCFG, where="layers.1")
+
+
+def test_float32_view_reuses_the_codes(tiny):
+    _, params, _ = tiny
+    layer = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["layers"][0])
+    frozen = freeze_layer(layer, TINY_QCFG)
+    view = float32_view(frozen)
+    for n in LINEARS:
+        assert frozen[n].dtype == "bfloat16" and view[n].dtype == "float32"
+        assert view[n].codes is frozen[n].codes and view[n].scales is frozen[n].scales
+        # the view equals quantizing the float32 copy of the weight (no second rounding)
+        want = quantize(as_float32(layer)[n], TINY_QCFG)
+        np.testing.assert_array_equal(np.asarray(dequantize(view[n])), np.asarray(dequantize(want)))
+    assert view["input_layernorm"].dtype == jnp.float32
+
+
+def test_layer_idx_is_passed_only_for_mixed_attention():
+    base = ModelConfig("LlamaForCausalLM", 64, 32, 64, 2, 2, 1, 16)
+    assert layer_idx_arg(base, 1) is None
+    mixed = dataclasses.replace(base, sliding_window=4, layer_types=("sliding_attention", "full_attention"))
+    assert layer_idx_arg(mixed, 1) == 1
+    uniform = dataclasses.replace(base, sliding_window=4, layer_types=("sliding_attention",) * 2)
+    assert layer_idx_arg(uniform, 1) is None
