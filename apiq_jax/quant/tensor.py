@@ -241,6 +241,16 @@ def quantize(w: jnp.ndarray, cfg: QuantConfig, *, clip: ClipLogits | None = None
 
     Raises:
       ValueError: a weight that is not 2-D or not finite, or wrongly shaped clip logits.
+
+    Example:
+      >>> import jax
+      >>> from apiq_jax.quant import QuantConfig, bits_per_param, quantize
+      >>> w = jax.random.normal(jax.random.key(0), (8, 128)) * 0.02     # [out, in]
+      >>> qt = quantize(w, QuantConfig(bits=2, group_size=64))
+      >>> qt.codes.shape, qt.codes.dtype.name, qt.scales.shape        # 16 codes per uint32 word
+      ((8, 8), 'uint32', (8, 2))
+      >>> bits_per_param(qt)                                           # 2-bit codes + fp16 scale and zero
+      2.5
     """
     if getattr(w, "ndim", None) != 2:
         raise ValueError(
@@ -311,6 +321,17 @@ def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
 
     Raises:
       ValueError: a tensor in the kernel layout.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from apiq_jax.quant import QuantConfig, dequantize, fake_quantize, quantize
+      >>> w = jax.random.normal(jax.random.key(0), (8, 128)) * 0.02
+      >>> cfg = QuantConfig(bits=2, group_size=64)
+      >>> w_hat = dequantize(quantize(w, cfg))
+      >>> w_hat.shape, int(jnp.unique(w_hat[0, :64]).size) <= 4    # at most 2^2 levels per group
+      ((8, 128), True)
+      >>> bool(jnp.array_equal(w_hat, fake_quantize(w, cfg)))         # exactly the fake-quantized weight
+      True
     """
     qt.require_storage("quant.dequantize()")
     lead, k = qt.shape[:-1], qt.shape[-1]
