@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from apiq_jax.lora import LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward, embed
-from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize, quantize
+from apiq_jax.models.quantized import quantize_weight
+from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize
 
 __all__ = ["as_float32", "embed_ids", "fake_quant_layer", "float32_view", "freeze_layer", "layer_idx_arg",
            "run_block"]
@@ -125,7 +126,7 @@ def freeze_layer(
     *,
     where: str = "layer",
 ) -> dict[str, Any]:
-    """One layer with its ``targets`` quantized by :func:`apiq_jax.quant.quantize`.
+    """One layer with its ``targets`` quantized by :func:`apiq_jax.quant.quantize` (compiled once per shape).
 
     Args:
       layer: the layer's dict; targets that are already QuantizedTensors stay as they are.
@@ -138,8 +139,7 @@ def freeze_layer(
       A new dict (other entries shared).
 
     Raises:
-      ValueError: a weight :func:`~apiq_jax.quant.quantize` refuses (e.g. non-finite),
-        naming ``where`` and the linear.
+      ValueError: a non-finite weight, naming ``where`` and the linear.
     """
     clips = clips or {}
     out = dict(layer)
@@ -147,10 +147,7 @@ def freeze_layer(
         w = layer[name]
         if isinstance(w, QuantizedTensor):
             continue
-        try:
-            out[name] = quantize(w, quant_config, clip=clips.get(name))
-        except ValueError as e:
-            raise ValueError(f"{where}.{name}: {e}") from None
+        out[name] = quantize_weight(w, quant_config, clips.get(name), name=f"{where}.{name}")
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora, lora_from_factors, normalize_targets
 from apiq_jax.models.config import ModelConfig
@@ -22,8 +23,34 @@ from apiq_jax.qmatmul import default_backend
 from apiq_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 # one compilation per (shape, config) instead of op-by-op dispatch; finiteness is checked
-# by quantize_params itself because quantize skips that check under tracing
+# by quantize_weight because quantize skips that check under tracing
 _quantize_jit = jax.jit(quantize, static_argnames=("cfg",))
+
+
+def quantize_weight(w: jnp.ndarray, quant_config: QuantConfig, clip: Any = None, *, name: str = "weight") -> QuantizedTensor:
+    """:func:`apiq_jax.quant.quantize` compiled once per (shape, config), for loops over many weights.
+
+    The same codes as the eager call (the quantizer is bit-identical under ``jit``); the
+    finiteness check that tracing skips is made here first.
+
+    Args:
+      w: a dense ``[out, in]`` weight.
+      quant_config: the quantizer.
+      clip: optional :class:`~apiq_jax.quant.ClipLogits`.
+      name: how the error names the weight (e.g. ``"layers.3.q_proj"``).
+
+    Returns:
+      The :class:`~apiq_jax.quant.QuantizedTensor`.
+
+    Raises:
+      ValueError: a weight with NaN or inf, naming it.
+    """
+    if not bool(jnp.all(jnp.isfinite(w))):  # on the device; the host sees the weight only when it is bad
+        bad = ~np.isfinite(np.asarray(w, np.float32))
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: weight contains {int(bad.sum())} non-finite value(s) (first at index {first}); "
+                         "quantization needs finite weights")
+    return _quantize_jit(w, quant_config, clip=clip)
 
 
 def quantize_params(
@@ -69,9 +96,7 @@ def quantize_params(
             w = layer[name]
             if is_quantized(w):
                 raise ValueError(f"layers.{i}.{name} is already quantized")
-            if not bool(jnp.all(jnp.isfinite(w))):
-                raise ValueError(f"layers.{i}.{name} contains non-finite values; quantization needs finite weights")
-            new[name] = _quantize_jit(w, quant_config, clip=clip_layers[i].get(name))
+            new[name] = quantize_weight(w, quant_config, clip_layers[i].get(name), name=f"layers.{i}.{name}")
         new_layers.append(new)
     frozen = dict(params)
     frozen["layers"] = new_layers

@@ -132,13 +132,13 @@ def test_one_compiled_program_for_all_blocks():
 def test_each_linear_is_quantized_once(monkeypatch):
     """The frozen block that propagates x_q is the one returned: 7 quantize calls per layer, not 14."""
     calls = []
-    real = blocks_module.quantize
+    real = blocks_module.quantize_weight
 
-    def counting(w, cfg, *, clip=None):
+    def counting(w, cfg, clip=None, *, name="weight"):
         calls.append(w.shape)
-        return real(w, cfg, clip=clip)
+        return real(w, cfg, clip, name=name)
 
-    monkeypatch.setattr(blocks_module, "quantize", counting)
+    monkeypatch.setattr(blocks_module, "quantize_weight", counting)
     res = W.run(None)
     assert len(calls) == len(LINEARS) * W.CFG.num_hidden_layers
     assert all(isinstance(res.params["layers"][i][n], QuantizedTensor) for i in range(3) for n in LINEARS)

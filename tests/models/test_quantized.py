@@ -211,5 +211,5 @@ def test_non_finite_weight_is_rejected(setup):
     params, _, _, _ = setup
     layers = [dict(layer) for layer in params["layers"]]
     layers[1]["gate_proj"] = layers[1]["gate_proj"].at[3, 5].set(jnp.nan)
-    with pytest.raises(ValueError, match="layers.1.gate_proj contains non-finite"):
+    with pytest.raises(ValueError, match=r"layers.1.gate_proj: weight contains 1 non-finite value\(s\) \(first at index"):
         quantize_params({**params, "layers": layers}, QCFG)
