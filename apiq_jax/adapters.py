@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward, embed, final_logits
-from apiq_jax.training import next_token_nll
+from apiq_jax.training import forward_loss_fn
 
 Adapters = dict[str, list[dict[str, jnp.ndarray]]]
 
@@ -122,10 +122,4 @@ def adapter_loss_fn(
       ``loss(frozen, adapters, ids)`` returning a float32 scalar, for
       ``finetune(..., loss_fn=...)``; gradients are stopped at ``frozen``.
     """
-
-    def loss(frozen: Mapping[str, Any], adapters: Adapters, ids: jnp.ndarray) -> jnp.ndarray:
-        frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-        logits = adapter_forward(frozen, adapters, ids, config, lora=lora, backend=backend)
-        return next_token_nll(logits, ids)
-
-    return loss
+    return forward_loss_fn(adapter_forward, config, lora=lora, backend=backend)

@@ -21,7 +21,7 @@ from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import embed, forward_embeddings
 from apiq_jax.quant import QuantizedTensor, dequantize
-from apiq_jax.training import next_token_nll
+from apiq_jax.training import forward_loss_fn
 
 PROMPT_INITS = ("vocab", "normal")
 
@@ -115,10 +115,4 @@ def prompt_loss_fn(
       ``loss(frozen, prompt, ids)`` returning a float32 scalar, for
       ``finetune(..., loss_fn=...)``; gradients are stopped at ``frozen``.
     """
-
-    def loss(frozen: Mapping[str, Any], prompt: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
-        frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-        logits = prompt_forward(frozen, prompt, ids, config, lora=lora, backend=backend)
-        return next_token_nll(logits, ids)
-
-    return loss
+    return forward_loss_fn(prompt_forward, config, lora=lora, backend=backend)

@@ -115,6 +115,32 @@ def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
 LossFn = Callable[[Mapping[str, Any], Any, jnp.ndarray], jnp.ndarray]
 
 
+def forward_loss_fn(
+    forward_fn: Callable[..., jnp.ndarray], config: ModelConfig, *, lora: Lora | None = None,
+    backend: str | None = None,
+) -> LossFn:
+    """The next-token objective of a PEFT method whose forward takes its trainable tree.
+
+    Args:
+      forward_fn: ``forward_fn(frozen, trainable, ids, config, lora=..., backend=...) -> logits``
+        (e.g. :func:`apiq_jax.adapters.adapter_forward`, :func:`apiq_jax.prompt_tuning.prompt_forward`).
+      config: the model config.
+      lora: a :class:`~apiq_jax.lora.Lora` applied in the forward but not trained (a
+        constant of the loss), or None.
+      backend: qmatmul backend of quantized linears (None: the default).
+
+    Returns:
+      ``loss(frozen, trainable, ids)``: the mean next-token NLL (float32), gradients stopped
+      at ``frozen``; for ``finetune(..., loss_fn=...)``.
+    """
+
+    def loss(frozen: Mapping[str, Any], trainable: Any, ids: jnp.ndarray) -> jnp.ndarray:
+        frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+        return next_token_nll(forward_fn(frozen, trainable, ids, config, lora=lora, backend=backend), ids)
+
+    return loss
+
+
 def make_train_step(
     config: ModelConfig,
     optimizer: optax.GradientTransformation,
