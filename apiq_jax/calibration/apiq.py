@@ -28,12 +28,14 @@ import numpy as np
 
 from apiq_jax.calibration.blocks import (
     as_float32,
+    block_error,
     embed_ids,
     fake_quant_layer,
     float32_view,
     freeze_layer,
     layer_idx_arg,
     run_block,
+    stream_error,
 )
 from apiq_jax.calibration.driver import BlockOutput, frozen_model, run_blocks
 from apiq_jax.calibration.inputs import validate_inputs
@@ -41,7 +43,6 @@ from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import Progress
 from apiq_jax.calibration.reports import BlockReport, CalibrationReport, CalibrationResult, Stopwatch
 from apiq_jax.calibration.workdir import WorkDir, run_fingerprint
-from apiq_jax.evaluate import relative_error
 from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora, lora_from_factors
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.quant import QuantConfig, init_clip
@@ -55,7 +56,8 @@ class BlockStart(NamedTuple):
     Attributes:
       index: the block index.
       layer_idx: what :func:`~apiq_jax.calibration.blocks.layer_idx_arg` gives for it.
-      dense: its params in float32.
+      dense: its params in float32 (on the device; the block's only dense copy).
+      dtype: the dtype its weights are stored in (what the frozen block dequantizes to).
       state: its starting ``{"clip", "lora"}`` state.
       t1: the full-precision target ``F_i(x_fp; W)`` (the next ``x_fp``).
       error_before: the relative error of the starting point on ``x_q``.
@@ -64,6 +66,7 @@ class BlockStart(NamedTuple):
     index: int
     layer_idx: int | None
     dense: dict[str, Any]
+    dtype: str
     state: dict[str, Any]
     t1: jnp.ndarray
     error_before: float
@@ -85,25 +88,44 @@ class ApiQContext:
     opts: ApiQOptions
     lora0: Lora
 
-    def begin(self, i: int, layer: Mapping[str, Any], streams: dict[str, Any]) -> BlockStart:
+    def begin(self, i: int, layer: Mapping[str, Any], streams: dict[str, Any], *,
+              consume_fp: bool = True) -> BlockStart:
         """What both variants compute first for block ``i``.
 
         Args:
           i: the block index.
-          layer: its dense params.
+          layer: its params (arrays or lazily read tensors; read once here, to float32).
           streams: ``{"x_fp", "x_q"}`` block inputs ``[n, s, D]``.
+          consume_fp: compute ``t1`` in the buffer of ``streams["x_fp"]`` (donated: no
+            extra cache); False when the step still needs ``x_fp`` (ApiQ-lw).
 
         Returns:
           The :class:`BlockStart`: the target ``t1 = F_i(x_fp; W)`` and the error of the
-          starting point (clip logits at ``clip_init``, the initial LoRA) on ``x_q``.
+          starting point (clip logits at ``clip_init``, the initial LoRA) on ``x_q``
+          (measured on the device, its outputs never stored).
         """
         li = layer_idx_arg(self.config, i)
+        dtype = jnp.dtype(layer["q_proj"].dtype).name
         dense = as_float32(layer)
         state = self.start_state(i, layer)
-        t1 = run_block(dense, streams["x_fp"], self.config, None, layer_idx=li)
-        y0 = run_block(fake_quant_layer(dense, state["clip"], self.qcfg), streams["x_q"], self.config, state["lora"],
-                       layer_idx=li)
-        return BlockStart(i, li, dense, state, t1, relative_error(t1, y0))
+        t1 = run_block(dense, streams["x_fp"], self.config, None, layer_idx=li, consume=consume_fp)
+        error = block_error(fake_quant_layer(dense, state["clip"], self.qcfg), streams["x_q"], t1, self.config,
+                            state["lora"], layer_idx=li)
+        return BlockStart(i, li, dense, dtype, state, t1, error)
+
+    def freeze(self, start: BlockStart, clips: Mapping[str, Any], targets: Any = LINEARS) -> dict[str, Any]:
+        """Quantize ``targets`` of the block once, from its float32 weights (the layer is not read again).
+
+        Args:
+          start: the block's :class:`BlockStart` (its ``dense`` weights are quantized).
+          clips: the learned clipping logits per linear.
+          targets: the linears to quantize now.
+
+        Returns:
+          ``{name: QuantizedTensor}`` for ``targets``, dequantizing to the storage dtype.
+        """
+        return freeze_layer({n: start.dense[n] for n in targets}, self.qcfg, clips, targets=targets,
+                            where=f"layers.{start.index}", dtype=start.dtype)
 
     def end(self, start: BlockStart, frozen: dict[str, Any], train: dict[str, Any], x_q: jnp.ndarray,
             losses: tuple[float, ...], extra: Mapping[str, Any]) -> BlockOutput:
@@ -113,7 +135,7 @@ class ApiQContext:
           start: the block's :class:`BlockStart`.
           frozen: the block with every linear quantized (once).
           train: the trained ``{"clip", "lora"}`` state.
-          x_q: the block's quantized-stream input.
+          x_q: the block's quantized-stream input (consumed: its buffer receives the output).
           losses: the report's loss curve.
           extra: the report's method-specific values.
 
@@ -121,9 +143,9 @@ class ApiQContext:
           The :class:`~apiq_jax.calibration.driver.BlockOutput` with streams ``x_fp = t1`` and
           ``x_q = F_i(x_q; Q, a, b)``.
         """
-        x_q = run_block(float32_view(frozen), x_q, self.config, train["lora"], layer_idx=start.layer_idx)
+        x_q = run_block(float32_view(frozen), x_q, self.config, train["lora"], layer_idx=start.layer_idx, consume=True)
         report = BlockReport(index=start.index, error_before=start.error_before,
-                             error_after=relative_error(start.t1, x_q), loss_curve=losses, extra=extra)
+                             error_after=stream_error(start.t1, x_q), loss_curve=losses, extra=extra)
         return BlockOutput(frozen=frozen, report=report, lora=train["lora"], streams={"x_fp": start.t1, "x_q": x_q},
                            state=train)
 
@@ -172,8 +194,10 @@ def calibrate_apiq(
     opts.check_batching(ids.shape[0])
     timer = Stopwatch()
     ctx = ApiQContext(model_config, quant_config, opts, _initial_lora(params, lora_config, key, lora_init))
-    x0 = embed_ids(params, ids, model_config).astype(jnp.float32)
-    streams = {"x_fp": x0, "x_q": x0}
+    x0 = embed_ids(params, ids, model_config)
+    x0 = x0.astype(opts.cache_dtype or x0.dtype)
+    streams = {"x_fp": x0, "x_q": jnp.copy(x0)}  # two buffers: the steps write into them in place
+    del x0
     wd = done = None
     if work_dir is not None:
         wd = WorkDir(work_dir, run_fingerprint(method, model_config, quant_config, lora_config, opts, ids, params,

@@ -23,7 +23,7 @@ import numpy as np
 
 from apiq_jax.calibration.apiq import ApiQContext, calibrate_apiq, loss_curve
 from apiq_jax.calibration.apiq_bw_core import train_block_bw
-from apiq_jax.calibration.blocks import freeze_layer, run_block
+from apiq_jax.calibration.blocks import run_block, with_quantized
 from apiq_jax.calibration.driver import BlockOutput
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import Progress
@@ -51,7 +51,8 @@ def bw_step(ctx: ApiQContext, i: int, layer: Mapping[str, Any], streams: dict[st
     t2 = run_block(start.dense, x_q, ctx.config, None, layer_idx=start.layer_idx) if ctx.opts.aug_loss else None
     train, losses, terms = train_block_bw(start.dense, start.state, x_q, start.t1, t2, bar.token(), config=ctx.config,
                                           qcfg=ctx.qcfg, opts=ctx.opts, layer_idx=start.layer_idx)
-    frozen = freeze_layer(layer, ctx.qcfg, train["clip"], where=f"layers.{i}")
+    del t2  # the next cache to go: the propagation below writes into x_q's own buffer
+    frozen = with_quantized(layer, ctx.freeze(start, train["clip"]))
     extra = {"loss_terms": np.asarray(terms, np.float64).reshape(-1, 2).tolist()}
     return ctx.end(start, frozen, train, x_q, loss_curve(losses), extra)
 

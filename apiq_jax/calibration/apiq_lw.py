@@ -21,7 +21,7 @@ import numpy as np
 
 from apiq_jax.calibration.apiq import ApiQContext, calibrate_apiq, loss_curve
 from apiq_jax.calibration.apiq_lw_core import train_stage_lw
-from apiq_jax.calibration.blocks import float32_view, freeze_layer
+from apiq_jax.calibration.blocks import float32_view, with_quantized
 from apiq_jax.calibration.driver import BlockOutput
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import Progress
@@ -44,17 +44,18 @@ def lw_step(ctx: ApiQContext, i: int, layer: Mapping[str, Any], streams: dict[st
       The frozen block, its trained LoRA and the streams after it; its report's loss curve is
       the sum over stages, ``extra["stage_loss_curves"]`` has each stage's.
     """
-    start = ctx.begin(i, layer, streams)
+    start = ctx.begin(i, layer, streams, consume_fp=False)  # x_fp feeds every stage's inputs
     lora0 = start.state["lora"]
     bar.start_inner(f"block {i}", ctx.opts.epochs * len(STAGES))
-    frozen = dict(layer)  # linears replaced by QuantizedTensors stage by stage
+    view = dict(start.dense)  # float32; linears replaced by float32 views of their frozen form stage by stage
+    quantized: dict[str, Any] = {}
     clip: dict[str, Any] = {}
     factors: dict[str, Any] = {}  # LoRA of the stages done so far (active in the next stages' inputs)
     curves: dict[str, list[float]] = {}
     for stage, (_, names) in enumerate(STAGES):
         lora_names = tuple(n for n in names if n in lora0)
         x_in = stage_inputs(start.dense, streams["x_fp"], ctx.config, stage, None, start.layer_idx)
-        xq_in = stage_inputs(float32_view(frozen), streams["x_q"], ctx.config, stage,
+        xq_in = stage_inputs(view, streams["x_q"], ctx.config, stage,
                              lora0.replace(factors) if factors else None, start.layer_idx)
         st0 = {"clip": {n: start.state["clip"][n] for n in names},
                "lora": lora0.replace({n: lora0.factors[n] for n in lora_names})}
@@ -63,10 +64,12 @@ def lw_step(ctx: ApiQContext, i: int, layer: Mapping[str, Any], streams: dict[st
         curves["+".join(names)] = list(loss_curve(losses))
         clip.update(st["clip"])
         factors.update(st["lora"].factors)
-        frozen = freeze_layer(frozen, ctx.qcfg, st["clip"], targets=names, where=f"layers.{i}")
+        done = ctx.freeze(start, st["clip"], targets=names)
+        quantized.update(done)
+        view.update(float32_view(done))
     train = {"clip": {n: clip[n] for n in LINEARS}, "lora": lora0.replace(factors)}
     total = tuple(np.sum([np.asarray(c) for c in curves.values()], axis=0).tolist())
-    return ctx.end(start, frozen, train, streams["x_q"], total, {"stage_loss_curves": curves})
+    return ctx.end(start, with_quantized(layer, quantized), train, streams["x_q"], total, {"stage_loss_curves": curves})
 
 
 def apiq_lw(

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apiq_jax.lora import LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
@@ -26,8 +27,8 @@ from apiq_jax.models.llama import block_forward, embed
 from apiq_jax.models.quantized import quantize_weight
 from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize
 
-__all__ = ["as_float32", "embed_ids", "fake_quant_layer", "float32_view", "freeze_layer", "layer_idx_arg",
-           "run_block"]
+__all__ = ["as_float32", "block_error", "embed_ids", "fake_quant_layer", "float32_view", "freeze_layer",
+           "layer_idx_arg", "run_block", "stream_error", "with_quantized"]
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -46,29 +47,133 @@ def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.n
     Returns:
       ``[n, seqlen, D]`` in the embedding's dtype.
     """
-    return _embed_jit({"embed_tokens": params["embed_tokens"]}, jnp.asarray(ids, jnp.int32), config)
+    table = params["embed_tokens"]
+    table = table if isinstance(table, QuantizedTensor) else jnp.asarray(table)  # reads a lazy table
+    return _embed_jit({"embed_tokens": table}, jnp.asarray(ids, jnp.int32), config)
 
 
-@partial(jax.jit, static_argnames=("config", "layer_idx"))
+def _block_fn(layer_params: Mapping[str, Any], config: ModelConfig, lora: Lora | None,
+              layer_idx: int | None) -> Any:
+    """One sample ``[s, D]`` (any float dtype) through the block in the layer's precision."""
+
+    def one(x: jnp.ndarray) -> jnp.ndarray:
+        dtype = _compute_dtype(layer_params)
+        return block_forward(layer_params, x[None].astype(dtype), config, lora=lora, layer_idx=layer_idx)[0]
+
+    return one
+
+
+def _compute_dtype(layer_params: Mapping[str, Any]) -> Any:
+    w = layer_params["q_proj"]
+    return jnp.dtype(w.dtype) if isinstance(w, QuantizedTensor) else w.dtype
+
+
+def _run_block(layer_params, xs, config, lora=None, layer_idx=None):
+    one = _block_fn(layer_params, config, lora, layer_idx)
+
+    def body(i: jnp.ndarray, out: jnp.ndarray) -> jnp.ndarray:
+        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(xs.dtype)
+        return jax.lax.dynamic_update_index_in_dim(out, y, i, 0)
+
+    return jax.lax.fori_loop(0, xs.shape[0], body, xs)
+
+
+def _run_block_inplace(layer_params, xs, config, lora=None, layer_idx=None):
+    one = _block_fn(layer_params, config, lora, layer_idx)
+
+    def body(i: jnp.ndarray, xs: jnp.ndarray) -> jnp.ndarray:
+        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(xs.dtype)
+        return jax.lax.dynamic_update_index_in_dim(xs, y, i, 0)
+
+    return jax.lax.fori_loop(0, xs.shape[0], body, xs)
+
+
+_run_block_jit = jax.jit(_run_block, static_argnames=("config", "layer_idx"))
+_run_block_donating = jax.jit(_run_block_inplace, static_argnames=("config", "layer_idx"), donate_argnames=("xs",))
+
+
 def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, lora: Lora | None = None,
-              layer_idx: int | None = None) -> jnp.ndarray:
+              layer_idx: int | None = None, *, consume: bool = False) -> jnp.ndarray:
     """Apply one decoder block to every sample of ``xs`` (batch 1 each, one program).
+
+    Each sample is computed in the layer's precision (float32 for the dense float32 views
+    calibration trains on) and stored back in the cache dtype of ``xs``; a float32 cache is
+    exact. With ``consume`` the input buffer is donated and overwritten sample by sample,
+    so the call needs no second ``[n, seqlen, D]`` buffer (``xs`` is unusable afterwards).
 
     Args:
       layer_params: the layer's dict (linears dense or QuantizedTensor).
-      xs: block inputs ``[n, seqlen, D]``.
+      xs: block inputs ``[n, seqlen, D]`` (the activation cache; any float dtype).
       config: the model config (static).
       lora: that layer's :class:`~apiq_jax.lora.Lora`, or None.
       layer_idx: the layer index where the config mixes attention kinds (static), else None.
+      consume: donate ``xs`` and write the outputs into its buffer.
 
     Returns:
-      The block outputs ``[n, seqlen, D]``.
+      The block outputs ``[n, seqlen, D]`` in ``xs``'s dtype.
     """
+    fn = _run_block_donating if consume else _run_block_jit
+    return fn(layer_params, xs, config, lora, layer_idx=layer_idx)
 
-    def one(x: jnp.ndarray) -> jnp.ndarray:
-        return block_forward(layer_params, x[None], config, lora=lora, layer_idx=layer_idx)[0]
 
-    return jax.lax.map(one, xs)
+@partial(jax.jit, static_argnames=("config", "layer_idx"))
+def _error_sums(layer_params, xs, targets, config, lora=None, layer_idx=None):
+    one = _block_fn(layer_params, config, lora, layer_idx)
+
+    def body(i, acc):
+        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(targets.dtype).astype(jnp.float32)
+        t = jax.lax.dynamic_index_in_dim(targets, i, keepdims=False).astype(jnp.float32)
+        return acc.at[:, i].set(jnp.stack([jnp.sum((t - y) ** 2), jnp.sum(t * t)]))
+
+    return jax.lax.fori_loop(0, xs.shape[0], body, jnp.zeros((2, xs.shape[0]), jnp.float32))
+
+
+@jax.jit
+def _stream_sums(targets, ys):
+    t = targets.astype(jnp.float32)
+    d = t - ys.astype(jnp.float32)
+    axes = tuple(range(1, t.ndim))
+    return jnp.stack([jnp.sum(d * d, axis=axes), jnp.sum(t * t, axis=axes)])
+
+
+def _ratio(sums: jnp.ndarray) -> float:
+    num, den = np.asarray(sums, np.float64)
+    return float(num.sum() / den.sum())
+
+
+def block_error(layer_params: Mapping[str, Any], xs: jnp.ndarray, targets: jnp.ndarray, config: ModelConfig,
+                lora: Lora | None = None, layer_idx: int | None = None) -> float:
+    """Relative error of the block's outputs on ``xs`` against ``targets``, on the device.
+
+    ``sum ||targets - F(xs)||^2 / sum ||targets||^2``: each sample's two sums in float32 on
+    the device (the outputs are never stored), combined over samples in float64 on the host
+    (only ``2 n`` scalars leave the device).
+
+    Args:
+      layer_params: the layer's dict.
+      xs: block inputs ``[n, seqlen, D]``.
+      targets: the reference outputs ``[n, seqlen, D]``.
+      config: the model config.
+      lora: that layer's :class:`~apiq_jax.lora.Lora`, or None.
+      layer_idx: see :func:`run_block`.
+
+    Returns:
+      The relative squared error as a Python float.
+    """
+    return _ratio(_error_sums(layer_params, xs, targets, config, lora, layer_idx=layer_idx))
+
+
+def stream_error(targets: jnp.ndarray, ys: jnp.ndarray) -> float:
+    """``sum ||targets - ys||^2 / sum ||targets||^2`` with per-sample float32 sums on the device.
+
+    Args:
+      targets: the reference activations ``[n, ...]``.
+      ys: the activations to compare (same shape).
+
+    Returns:
+      The relative squared error as a Python float (per-sample sums combined in float64).
+    """
+    return _ratio(_stream_sums(targets, ys))
 
 
 def layer_idx_arg(config: ModelConfig, i: int) -> int | None:
@@ -125,30 +230,50 @@ def freeze_layer(
     targets: Sequence[str] = LINEARS,
     *,
     where: str = "layer",
+    dtype: Any = None,
 ) -> dict[str, Any]:
     """One layer with its ``targets`` quantized by :func:`apiq_jax.quant.quantize` (compiled once per shape).
 
     Args:
-      layer: the layer's dict; targets that are already QuantizedTensors stay as they are.
+      layer: the layer's dict (arrays, host arrays or lazily read tensors); targets that are
+        already QuantizedTensors stay as they are.
       quant_config: the quantizer.
       clips: learned clipping logits per linear name; missing names are plain RTN.
       targets: the linears to quantize.
       where: how errors name the layer (e.g. ``"layers.3"``).
+      dtype: the dtype the new QuantizedTensors dequantize to (the model's storage dtype
+        when ``layer`` holds float32 views of 16-bit weights; the codes do not depend on it:
+        the quantizer works in float32). None: each weight's own dtype.
 
     Returns:
-      A new dict (other entries shared).
+      A new dict of device arrays (non-target entries read and kept in their dtype).
 
     Raises:
       ValueError: a non-finite weight, naming ``where`` and the linear.
     """
     clips = clips or {}
-    out = dict(layer)
+    out = {k: v if isinstance(v, QuantizedTensor) else jnp.asarray(v) for k, v in layer.items() if k not in targets}
     for name in targets:
         w = layer[name]
         if isinstance(w, QuantizedTensor):
+            out[name] = w
             continue
-        out[name] = quantize_weight(w, quant_config, clips.get(name), name=f"{where}.{name}")
-    return out
+        qt = quantize_weight(jnp.asarray(w), quant_config, clips.get(name), name=f"{where}.{name}")
+        out[name] = qt if dtype is None else dataclasses.replace(qt, dtype=jnp.dtype(dtype).name)
+    return {k: out[k] for k in layer}
+
+
+def with_quantized(layer: Mapping[str, Any], quantized: Mapping[str, QuantizedTensor]) -> dict[str, Any]:
+    """The frozen block: ``layer``'s norms and biases (read, in their dtype) with its linears from ``quantized``.
+
+    Args:
+      layer: the block's params as given (arrays or lazily read tensors).
+      quantized: ``{name: QuantizedTensor}`` of its linears.
+
+    Returns:
+      A new dict in ``layer``'s key order.
+    """
+    return {k: quantized[k] if k in quantized else jnp.asarray(v) for k, v in layer.items()}
 
 
 def fake_quant_layer(

@@ -19,6 +19,7 @@ from typing import Any
 from apiq_jax.calibration.progress import Progress
 from apiq_jax.calibration.reports import BlockReport, Stopwatch
 from apiq_jax.lora import Lora
+from apiq_jax.models.hf_io import materialize
 
 __all__ = ["BlockOutput", "BlockSource", "BlockStep", "frozen_model", "run_blocks"]
 
@@ -66,7 +67,7 @@ def run_blocks(
 
     Args:
       step: the method's block step.
-      source: the decoder layers.
+      source: the decoder layers (lazily read tensors are read when their block's turn comes).
       streams: the streams block ``len(done)`` starts from.
       desc: label of the progress bar (the method name).
       done: outputs of the first blocks, finished before (a resumed run).
@@ -81,7 +82,7 @@ def run_blocks(
     with Progress(progress, len(source), desc, done=len(outputs)) as bar:
         for i in range(len(outputs), len(source)):
             timer = Stopwatch()
-            out = step(i, source[i], streams, bar)
+            out = step(i, materialize(source[i]), streams, bar)  # a lazily read block: read now, dropped after
             out = dataclasses.replace(out, report=dataclasses.replace(out.report, seconds=timer.elapsed()))
             if save is not None:
                 save(i, out)
@@ -103,12 +104,12 @@ def frozen_model(params: Mapping[str, Any], outputs: Sequence[BlockOutput]) -> d
     """The frozen model: ``params`` with every layer replaced by its block output.
 
     Args:
-      params: the dense params (embeddings, norms and head are shared).
+      params: the dense params (embeddings, norms and head are shared; lazily read ones are read).
       outputs: one :class:`BlockOutput` per layer.
 
     Returns:
       A new params dict.
     """
-    frozen = dict(params)
+    frozen = {k: materialize(v) for k, v in params.items() if k != "layers"}  # lazily read tensors: now
     frozen["layers"] = [o.frozen for o in outputs]
-    return frozen
+    return {k: frozen[k] for k in params}

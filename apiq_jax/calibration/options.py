@@ -10,9 +10,11 @@ import numpy as np
 
 from apiq_jax.quant.clip import CLIP_INIT
 
-__all__ = ["ApiQOptions"]
+__all__ = ["CACHE_DTYPES", "ApiQOptions"]
 
 _COUNTS = {"epochs": 0, "batch_size": 1}  # integer options and their minimum
+#: dtypes the activation caches may be stored in
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
 _REALS = ("lora_lr", "clip_lr", "lora_weight_decay", "clip_weight_decay", "eps", "clip_init")
 
 
@@ -32,6 +34,9 @@ class ApiQOptions:
       b1, b2, eps: AdamW moments (torch defaults).
       batch_size: samples per step (reference: 1); must divide the number of samples.
       clip_init: initial value of every clipping logit (sigmoid(4.0) = 0.982).
+      cache_dtype: dtype the activation caches (the ``[n, seqlen, D]`` streams and targets)
+        are stored in: "float32", "bfloat16" or "float16"; None: the model's dtype (its
+        embedding table's). Blocks always compute in float32; a float32 cache is exact.
     """
 
     epochs: int = 20
@@ -45,6 +50,7 @@ class ApiQOptions:
     eps: float = 1e-8
     batch_size: int = 1
     clip_init: float = CLIP_INIT
+    cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name, lowest in _COUNTS.items():
@@ -65,6 +71,8 @@ class ApiQOptions:
                 raise ValueError(f"{name}={v!r} must lie in [0, 1)")
             object.__setattr__(self, name, float(v))
         object.__setattr__(self, "aug_loss", bool(self.aug_loss))
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r} is not supported; accepted: {CACHE_DTYPES} or None")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-able dict.

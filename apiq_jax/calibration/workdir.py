@@ -29,6 +29,7 @@ import numpy as np
 
 from apiq_jax.calibration.reports import BlockReport
 from apiq_jax.checkpoint import Checkpointer
+from apiq_jax.models.hf_io import LazyTensor
 
 __all__ = ["WorkDir", "digest", "run_fingerprint"]
 
@@ -155,6 +156,9 @@ def _atomic_write(path: Path, text: str) -> None:
 def digest(tree: Any) -> str:
     """Cheap content hash of a pytree (shapes, dtypes and a strided sample of every leaf).
 
+    A lazily read tensor (:class:`~apiq_jax.models.hf_io.LazyTensor`) is identified by its
+    file (path, size, modification time) and key instead, so it is not read.
+
     Args:
       tree: any pytree of arrays.
 
@@ -165,6 +169,10 @@ def digest(tree: Any) -> str:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     h.update(str(treedef).encode())
     for leaf in leaves:
+        if isinstance(leaf, LazyTensor):  # a tensor on disk: its file's identity, not its bytes (not read)
+            stat = leaf.path.stat()
+            h.update(f"{leaf.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{leaf.key}{leaf.shape}{leaf.dtype}".encode())
+            continue
         arr = jnp.asarray(leaf)
         h.update(f"{arr.shape}{arr.dtype}".encode())
         flat = arr.reshape(-1)

@@ -22,6 +22,7 @@ from apiq_jax.commands.common import (
     load_token_data,
     print_json,
 )
+from apiq_jax.models.hf_io import DTYPES
 
 NAME = "eval"
 HELP = "perplexity of an HF or saved quantized model on token ids or text"
@@ -56,18 +57,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "max_position_embeddings)); must equal the row length for 2-D ids")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"rows per forward pass (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype for HF models (default float32)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="compute (and storage) dtype: of the weights read from an HF model (default: its "
+                        "torch_dtype), of the dequantized weights, embeddings and activations of a quantized "
+                        "model (default: the dtype it was saved in); the loss is always float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_argument(p)
 
 
-def load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
+def load_eval_model(model_dir: Path, dtype: str | None) -> dict[str, Any]:
     """Load an HF or saved quantized model directory for scoring.
 
     Args:
         model_dir: HF model directory, or one written by ``save_quantized``.
-        dtype: compute dtype of HF models (``"float32"`` or ``"bfloat16"``).
+        dtype: compute dtype (one of :data:`~apiq_jax.models.hf_io.DTYPES`), or None for the
+            model's own.
 
     Returns:
         ``{"params", "config", "lora", "quantized"}``.
@@ -76,6 +80,7 @@ def load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
         FileNotFoundError: ``model_dir`` is missing or not a directory.
     """
     from apiq_jax.models import is_quantized_dir, load_pretrained, load_quantized
+    from apiq_jax.models.quantized import cast_params
 
     if not model_dir.exists():
         raise FileNotFoundError(f"--model {model_dir}: directory not found")
@@ -83,6 +88,7 @@ def load_eval_model(model_dir: Path, dtype: str) -> dict[str, Any]:
         raise FileNotFoundError(f"--model {model_dir}: not a directory (expected an HF or quantized model dir)")
     if is_quantized_dir(model_dir):
         frozen, lora, cfg, _ = load_quantized(model_dir)
+        frozen = frozen if dtype is None else cast_params(frozen, dtype)
         return {"params": frozen, "config": cfg, "lora": lora, "quantized": True}
     model = load_pretrained(model_dir, dtype=dtype)
     return {"params": model.params, "config": model.config, "lora": None,

@@ -21,6 +21,8 @@ import numpy as np
 
 from apiq_jax.calibration import METHODS, ApiQOptions, get_method
 from apiq_jax.commands.common import DEFAULT_SEQLEN, field_default, print_json
+from apiq_jax.models.hf_io import DTYPES
+from apiq_jax.models.safetensors_io import parse_size
 from apiq_jax.quant.config import SCHEMES
 
 _NAMES = ",".join(METHODS)
@@ -85,6 +87,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iter", type=int, default=None,
                    help=f"LoftQ alternations (default {loftq.options['num_iter']}, as loftq_init; loftq only; "
                         f"apiq-jax demo runs {loftq.compare_options['num_iter']})")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="storage dtype of the weights while calibrating and of the saved embeddings, norms and "
+                        "head (default: the checkpoint's torch_dtype). The model is read one block at a time "
+                        "(never whole); each block computes in float32")
+    p.add_argument("--cache-dtype", default=None, choices=DTYPES,
+                   help="dtype of the [nsamples, seqlen, hidden] activation caches of ApiQ (default: --dtype); "
+                        "float32 is exact, 16-bit halves their memory")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest frozen-weights file of OUT, e.g. 2GB, 500MB (default 2GB; more files and an "
+                        "index JSON when the model is bigger, as Hugging Face shards)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -192,6 +204,10 @@ def check_args(args: argparse.Namespace) -> str:
             raise ValueError(f"--epochs applies to {_training()} only, not --method {args.method}")
         if args.epochs < 0:
             raise ValueError(f"--epochs {args.epochs} must be >= 0")
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise ValueError(f"--max-shard-size: {e}") from None
     if args.num_iter is not None:
         if "num_iter" not in spec.options:
             raise ValueError(f"--num-iter applies to --method loftq only, not {args.method}")
@@ -206,7 +222,8 @@ def _training() -> str:
 
 
 def method_options(
-    method: str, epochs: int | None, num_iter: int | None, progress: bool, work_dir: Path | None = None
+    method: str, epochs: int | None, num_iter: int | None, progress: bool, work_dir: Path | None = None,
+    cache_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Keyword options for the calibration function of ``method``.
 
@@ -219,6 +236,7 @@ def method_options(
         num_iter: LoftQ alternations (None: the registry's default, ``loftq_init``'s).
         progress: show progress bars.
         work_dir: checkpoint directory of ApiQ runs.
+        cache_dtype: dtype of ApiQ's activation caches (None: the model's).
 
     Returns:
         Keyword arguments for ``get_method(method).fn``.
@@ -227,8 +245,11 @@ def method_options(
     opts: dict[str, Any] = {"progress": progress}
     if "work_dir" in defaults and work_dir is not None:
         opts["work_dir"] = work_dir
-    if "options" in defaults and epochs is not None:
-        opts["options"] = ApiQOptions(epochs=epochs)
+    if "options" in defaults:
+        fields = {"epochs": epochs, "cache_dtype": cache_dtype}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if fields:
+            opts["options"] = ApiQOptions(**fields)
     if "num_iter" in defaults:
         opts["num_iter"] = defaults["num_iter"] if num_iter is None else num_iter
     return opts
@@ -287,29 +308,31 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from apiq_jax.lora import LoraConfig
-    from apiq_jax.models import load_pretrained
+    from apiq_jax.models.hf_io import checkpoint_dtype, lazy_params, load_config, load_hf_config
     from apiq_jax.models.quantized_io import save_quantized
     from apiq_jax.quant import QuantConfig
 
     t0 = time.perf_counter()
     scheme = check_args(args)
     model_dir, out_dir = _check_paths(args)
-    model = load_pretrained(model_dir)
-    config = model.config
+    config = load_config(model_dir)
+    params = lazy_params(model_dir, config, args.dtype)  # headers only: each block is read when calibrated
+    dtype = args.dtype or checkpoint_dtype(load_hf_config(model_dir)).name
     ids = load_calibration(
         Path(args.calib), model_dir, args.nsamples, args.seqlen, args.seed,
         config.max_position_embeddings, config.vocab_size,
     )
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=scheme)
     lcfg = LoraConfig(rank=args.rank, alpha=args.alpha)
-    opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, out_dir / WORK_SUBDIR)
-    result = get_method(args.method).fn(model.params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed),
-                                        **opts)
+    opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, out_dir / WORK_SUBDIR,
+                          args.cache_dtype)
+    result = get_method(args.method).fn(params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
     summary = summarize(args, scheme, ids, result)
+    summary["dtype"] = dtype
     save_quantized(
         out_dir, result.params, result.lora, config,
         metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": result.report.to_dict()},
-        tokenizer_source=model_dir,
+        tokenizer_source=model_dir, max_shard_size=args.max_shard_size,
     )
     result.report.save_json(out_dir / "report.json")
     result.report.save_plot(out_dir / "report.png")

@@ -12,6 +12,7 @@ from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.hf_io import (
     copy_tokenizer_files,
     hf_name,
+    lazy_params,
     load_config,
     load_hf_config,
     load_params,
@@ -43,12 +44,12 @@ from apiq_jax.models.quantized import (
     quantize_params,
     quantized_linear_names,
 )
-from apiq_jax.models.quantized_io import is_quantized_dir, load_quantized, save_quantized
+from apiq_jax.models.quantized_io import QuantizedCheckpoint, is_quantized_dir, load_quantized, save_quantized
 
 __all__ = [
-    "LINEARS", "LlamaForCausalLM", "ModelConfig", "QuantizedWeight", "apply",
+    "LINEARS", "LlamaForCausalLM", "ModelConfig", "QuantizedCheckpoint", "QuantizedWeight", "apply",
     "block_forward", "block_outputs", "check_params", "copy_tokenizer_files",
-    "dequantize_params", "embed", "final_logits", "flatten_params", "forward", "forward_embeddings",
+    "dequantize_params", "embed", "final_logits", "flatten_params", "forward", "forward_embeddings", "lazy_params",
     "hf_name", "init_params", "is_quantized_dir", "linear", "load_config", "load_hf_config",
     "load_params", "load_pretrained", "load_quantized", "load_tokenizer", "param_shapes",
     "quantize_model", "quantize_params", "quantized_linear_names", "save_pretrained",

@@ -182,20 +182,108 @@ def _weight_files(p: Path) -> dict[str, list[str] | None]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {p}{hint}")
 
 
-def load_params(
-    path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = jnp.float32
-) -> Params:
-    """Read the weights of the HF directory ``path`` into a params pytree of ``dtype``.
+class LazyTensor:
+    """One tensor of a safetensors checkpoint, read from disk only when converted to an array.
 
-    Streams tensor by tensor.
+    Holds the file, the key, the shape and the target dtype (the header is all that was
+    read). ``np.asarray(t)`` / ``jnp.asarray(t)`` reads that tensor alone (``safe_open``
+    maps the file; nothing else is loaded) and casts it; the result is not cached, so
+    a model of lazy tensors costs no memory until a block is asked for.
+
+    Attributes:
+      path: the ``.safetensors`` file.
+      key: the tensor's key in it.
+      shape: its shape.
+      dtype: the dtype it is cast to when read.
+    """
+
+    __slots__ = ("dtype", "key", "path", "shape")
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.key, self.shape, self.dtype = Path(path), key, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor once read (in :attr:`dtype`)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """Read the tensor from its file and cast it to :attr:`dtype`.
+
+        Returns:
+          A host numpy array of :attr:`shape`.
+
+        Raises:
+          ValueError: the file cannot be read (truncated, corrupt), naming file and key.
+        """
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                arr = f.get_tensor(self.key)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read tensor {self.key!r} from {self.path}: {e}") from e
+        return arr.astype(self.dtype, copy=False)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.read()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.path.name}:{self.key}, shape={self.shape}, dtype={self.dtype.name})"
+
+
+def materialize(tree: Any) -> Any:
+    """Every :class:`LazyTensor` leaf of ``tree`` read into a jax array (other leaves kept).
+
+    Args:
+      tree: a pytree (e.g. params from :func:`lazy_params`, or one layer of them).
+
+    Returns:
+      The same structure with device arrays in place of lazy tensors.
+    """
+    return jax.tree.map(lambda v: jnp.asarray(v) if isinstance(v, LazyTensor) else v, tree,
+                        is_leaf=lambda v: isinstance(v, LazyTensor))
+
+
+def checkpoint_dtype(hf_config: Any) -> jnp.dtype:
+    """The storage dtype a checkpoint declares (``torch_dtype``/``dtype`` of its config.json).
+
+    Args:
+      hf_config: the ``transformers`` config.
+
+    Returns:
+      That dtype when it is one of :data:`DTYPES`, else float32 (no or another declared dtype).
+    """
+    declared = getattr(hf_config, "dtype", None)  # transformers >= 4.56; older ones call it torch_dtype
+    if declared is None and "torch_dtype" in getattr(hf_config, "__dict__", {}):
+        declared = hf_config.__dict__["torch_dtype"]
+    name = str(declared).replace("torch.", "") if declared is not None else "float32"
+    return jnp.dtype(name) if name in DTYPES else jnp.dtype(jnp.float32)
+
+
+def lazy_params(
+    path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = None
+) -> Params:
+    """The params pytree of the HF directory ``path`` with :class:`LazyTensor` leaves.
+
+    Only the safetensors headers are read: every name, shape and file is checked now, the
+    data when a tensor is converted (one block at a time in calibration, see
+    :func:`materialize`). Peak memory is then one block, not the model.
 
     Args:
       path: the model directory.
       config: the model config (default: read from ``path/config.json``).
-      dtype: "float32", "bfloat16" or "float16" (every tensor is converted to it).
+      dtype: "float32", "bfloat16" or "float16" (every tensor is cast to it when read);
+        None: the checkpoint's own dtype (:func:`checkpoint_dtype`).
 
     Returns:
-      The nested params pytree (see :mod:`apiq_jax.models.llama`).
+      The nested params pytree (see :mod:`apiq_jax.models.llama`) of lazy tensors.
 
     Raises:
       FileNotFoundError: missing directory, config, weight files or shards.
@@ -204,12 +292,12 @@ def load_params(
     """
     p = _check_dir(path)
     config = load_config(p) if config is None else config
-    dt = resolve_dtype(dtype)
+    dt = checkpoint_dtype(load_hf_config(p)) if dtype is None else resolve_dtype(dtype)
     expected = param_shapes(config)
     by_hf = {hf_name(k): k for k in expected}
     from safetensors import safe_open
 
-    flat: dict[str, jnp.ndarray] = {}
+    flat: dict[str, LazyTensor] = {}
     unexpected: list[str] = []
     where: dict[str, str] = {}
     for fname, keys in _weight_files(p).items():
@@ -238,10 +326,8 @@ def load_params(
                         f"{fpath}: tensor {key!r} has shape {shape}, expected {tuple(expected[ours])} "
                         f"for the config in {p / CONFIG_FILE}"
                     )
-                arr = f.get_tensor(key)
-                flat[ours] = jnp.asarray(arr, dtype=dt)
+                flat[ours] = LazyTensor(fpath, key, shape, dt)
                 where[ours] = fname
-                del arr
     if unexpected:
         raise ValueError(
             f"{p}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -256,7 +342,32 @@ def load_params(
     return unflatten_params(flat)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaForCausalLM:
+def load_params(
+    path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = None
+) -> Params:
+    """Read the weights of the HF directory ``path`` into a params pytree of ``dtype``.
+
+    Streams tensor by tensor (:func:`lazy_params`, then each tensor read and converted in
+    turn, so no second full copy of the checkpoint is held).
+
+    Args:
+      path: the model directory.
+      config: the model config (default: read from ``path/config.json``).
+      dtype: "float32", "bfloat16" or "float16" (every tensor is converted to it); None:
+        the checkpoint's own dtype (:func:`checkpoint_dtype`).
+
+    Returns:
+      The nested params pytree (see :mod:`apiq_jax.models.llama`).
+
+    Raises:
+      FileNotFoundError: missing directory, config, weight files or shards.
+      ValueError: naming the file and key: unreadable files, missing, unexpected or
+        wrongly shaped tensors; or an unsupported ``dtype``.
+    """
+    return materialize(lazy_params(path, config, dtype))
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> LlamaForCausalLM:
     """Load a local HF Llama/Mistral/Qwen2 directory as a :class:`LlamaForCausalLM` (NNX).
 
     ``config.json`` is read with ``AutoConfig``; weights from ``model.safetensors`` or the
@@ -265,7 +376,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaF
 
     Args:
       path: the model directory.
-      dtype: "float32", "bfloat16" or "float16" (the parameters' and the compute dtype).
+      dtype: "float32", "bfloat16" or "float16" (the parameters' and the compute dtype);
+        None: the checkpoint's own ``torch_dtype`` (:func:`checkpoint_dtype`).
 
     Returns:
       A :class:`LlamaForCausalLM` (``.params`` the pytree, ``.config`` the ModelConfig).
@@ -278,8 +390,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaF
       >>> from apiq_jax import load_pretrained
       >>> from apiq_jax.demo_data import DEMO_MODEL_DIR      # the bundled 1M-parameter Llama
       >>> model = load_pretrained(DEMO_MODEL_DIR)
-      >>> model.config.num_hidden_layers, model.config.vocab_size
-      (4, 1024)
+      >>> model.config.num_hidden_layers, model.config.vocab_size, model.dtype
+      (4, 1024, dtype('float32'))
       >>> model(jnp.zeros((1, 8), jnp.int32)).shape
       (1, 8, 1024)
     """
@@ -288,7 +400,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> LlamaF
         config = ModelConfig.from_hf(hf_config)
     except ValueError as e:
         raise ValueError(f"{Path(path) / CONFIG_FILE}: {e}") from e
-    params = load_params(path, config, dtype)
+    dt = checkpoint_dtype(hf_config) if dtype is None else dtype
+    params = load_params(path, config, dt)
     return LlamaForCausalLM(config, params, hf_config=hf_config)
 
 

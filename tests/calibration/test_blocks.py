@@ -12,12 +12,15 @@ import pytest
 
 from apiq_jax.calibration.blocks import (
     as_float32,
+    block_error,
     embed_ids,
     fake_quant_layer,
     float32_view,
     freeze_layer,
     layer_idx_arg,
     run_block,
+    stream_error,
+    with_quantized,
 )
 from apiq_jax.lora import LINEARS
 from apiq_jax.models.config import ModelConfig
@@ -91,3 +94,63 @@ def test_layer_idx_is_passed_only_for_mixed_attention():
     assert layer_idx_arg(mixed, 1) == 1
     uniform = dataclasses.replace(base, sliding_window=4, layer_types=("sliding_attention",) * 2)
     assert layer_idx_arg(uniform, 1) is None
+
+
+# --- caches: in place, any dtype, errors on the device ------------------------------------------
+def _reference_block(layer, xs, cfg):
+    """float64 numpy would need a whole numpy Llama; the per-sample jax block in float32 is the reference."""
+    from apiq_jax.models.llama import block_forward
+
+    return np.stack([np.asarray(block_forward(layer, jnp.asarray(x, jnp.float32)[None], cfg)[0]) for x in xs])
+
+
+def test_run_block_in_place_equals_a_fresh_buffer(tiny):
+    cfg, params, ids = tiny
+    layer = as_float32(params["layers"][0])
+    xs = jax.random.normal(jax.random.key(0), (3, ids.shape[1], cfg.hidden_size))
+    want = _reference_block(layer, np.asarray(xs), cfg)
+    fresh = run_block(layer, xs, cfg)
+    assert not xs.is_deleted()
+    np.testing.assert_allclose(np.asarray(fresh), want, rtol=1e-6, atol=1e-6)
+    inplace = run_block(layer, jnp.array(xs), cfg, consume=True)
+    np.testing.assert_array_equal(np.asarray(inplace), np.asarray(fresh))
+    donated = jnp.array(xs)
+    run_block(layer, donated, cfg, consume=True)
+    assert donated.is_deleted()  # its buffer now holds the outputs: no second cache
+
+
+def test_sixteen_bit_cache_computes_in_float32(tiny):
+    cfg, params, ids = tiny
+    layer = as_float32(params["layers"][1])
+    xs = jax.random.normal(jax.random.key(1), (2, ids.shape[1], cfg.hidden_size))
+    out = run_block(layer, xs.astype(jnp.bfloat16), cfg)
+    assert out.dtype == jnp.bfloat16
+    want = _reference_block(layer, np.asarray(xs.astype(jnp.bfloat16).astype(jnp.float32)), cfg)
+    # the only 16-bit step is the rounding of the stored output (bfloat16: 8 significant bits)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want, rtol=2**-8, atol=1e-6)
+
+
+def test_block_and_stream_errors_match_float64(tiny):
+    cfg, params, ids = tiny
+    layer = as_float32(params["layers"][0])
+    xs = jax.random.normal(jax.random.key(2), (3, ids.shape[1], cfg.hidden_size))
+    targets = xs + 0.1 * jax.random.normal(jax.random.key(3), xs.shape)
+    ys = _reference_block(layer, np.asarray(xs), cfg).astype(np.float64)
+    t = np.asarray(targets, np.float64)
+    want = float(np.sum((t - ys) ** 2) / np.sum(t * t))
+    assert block_error(layer, xs, targets, cfg) == pytest.approx(want, rel=1e-5)
+    assert stream_error(targets, jnp.asarray(ys, jnp.float32)) == pytest.approx(want, rel=1e-5)
+    assert stream_error(targets, targets) == 0.0
+
+
+def test_with_quantized_keeps_norms_in_their_dtype(tiny):
+    cfg, params, _ = tiny
+    layer = {k: jnp.asarray(v, jnp.bfloat16) for k, v in params["layers"][0].items()}
+    qt = freeze_layer(as_float32(layer), TINY_QCFG, dtype="bfloat16")
+    frozen = with_quantized(layer, {n: qt[n] for n in LINEARS})
+    assert frozen["input_layernorm"].dtype == jnp.bfloat16 and list(frozen) == list(layer)
+    assert all(frozen[n].dtype == "bfloat16" for n in LINEARS)
+    # codes from the float32 view of 16-bit weights equal those of the 16-bit weights themselves
+    direct = freeze_layer(layer, TINY_QCFG)
+    for n in LINEARS:
+        np.testing.assert_array_equal(np.asarray(frozen[n].codes), np.asarray(direct[n].codes))

@@ -177,3 +177,33 @@ def test_draw_windows_alias_is_sample_windows():
     np.testing.assert_array_equal(qcmd.draw_windows(stream, 4, 16, 2, "calib"), sample_windows(stream, 4, 16, seed=2))
     with pytest.raises(ValueError, match="calib: only 300 tokens"):
         qcmd.draw_windows(stream, 4, 400, 0, "calib")
+
+
+def test_sixteen_bit_storage_and_caches(tiny_dir, data, tmp_path, capsys):
+    """--dtype bfloat16: the model is read and frozen in bfloat16, embeddings and norms saved so;
+    the codes equal a float32 run's (the quantizer works in float32 on the same bfloat16 values)."""
+    import jax.numpy as jnp
+
+    from apiq_jax.models.hf_io import load_params
+    from apiq_jax.models.quantized import quantize_params
+    from apiq_jax.quant import QuantConfig
+
+    out = tmp_path / "bf16"
+    code, stdout, err = run_cli(capsys, *quantize_args(tiny_dir, out, data["calib"], "rtn", "--dtype", "bfloat16"))
+    assert code == 0, err
+    assert last_json(stdout)["dtype"] == "bfloat16"
+    frozen, _, _, _ = load_quantized(out)
+    assert frozen["embed_tokens"].dtype == jnp.bfloat16 and frozen["layers"][1]["input_layernorm"].dtype == jnp.bfloat16
+    assert frozen["layers"][1]["down_proj"].dtype == "bfloat16"
+    dense = load_params(tiny_dir, dtype="bfloat16")
+    want = quantize_params(dense, QuantConfig(bits=2, group_size=32))
+    np.testing.assert_array_equal(np.asarray(frozen["layers"][1]["down_proj"].codes),
+                                  np.asarray(want["layers"][1]["down_proj"].codes))
+    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o2", data["calib"], "apiq-bw", "--epochs", "1",
+                                                   "--cache-dtype", "bfloat16"))
+    assert code == 0, err
+    with pytest.raises(SystemExit) as exc:  # argparse's choices
+        run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o3", data["calib"], "rtn", "--dtype", "int8"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--dtype" in err and "float16" in err and "Traceback" not in err
+    assert not (tmp_path / "o3").exists()

@@ -185,3 +185,55 @@ def test_index_pointing_at_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=rf"shard .*{shard.name}"):
         load_pretrained(path)
+
+
+# --- lazy reading and the checkpoint's dtype ---------------------------------------------------
+def test_lazy_params_read_nothing_until_converted(monkeypatch, llama_dir):
+    from apiq_jax.models.hf_io import LazyTensor, lazy_params, materialize
+
+    _, path = llama_dir
+    reads = []
+    original = LazyTensor.read
+    monkeypatch.setattr(LazyTensor, "read", lambda self: reads.append(self.key) or original(self))
+    lazy = lazy_params(path)
+    q = lazy["layers"][1]["q_proj"]
+    assert isinstance(q, LazyTensor) and q.shape == (64, 64) and reads == []  # headers only
+    layer = materialize(lazy["layers"][1])
+    assert sorted(reads) == sorted(hf_name(f"layers.1.{k}") for k in lazy["layers"][1])  # that layer alone
+    eager = load_params(path)
+    for k, v in layer.items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(eager["layers"][1][k]))
+
+
+def test_lazy_tensor_casts_when_read(llama_dir):
+    from apiq_jax.models.hf_io import lazy_params
+
+    _, path = llama_dir
+    t = lazy_params(path, dtype="bfloat16")["layers"][0]["up_proj"]
+    arr = np.asarray(t)
+    assert arr.dtype.name == "bfloat16" and t.nbytes == arr.nbytes
+    want = np.asarray(load_params(path, dtype="float32")["layers"][0]["up_proj"])
+    np.testing.assert_array_equal(np.asarray(jax.numpy.asarray(arr, "float32")),
+                                  np.asarray(jax.numpy.asarray(want).astype("bfloat16").astype("float32")))
+
+
+def test_truncated_shard_is_named_when_the_tensor_is_read(tmp_path, llama_dir):
+    from apiq_jax.models.hf_io import lazy_params
+
+    _, path = llama_dir
+    bad = _copy(path, tmp_path / "bad")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4096])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        np.asarray(lazy_params(bad)["lm_head"] if "lm_head" in lazy_params(bad) else lazy_params(bad)["norm"])
+
+
+def test_default_dtype_is_the_checkpoints(tmp_path, llama_dir):
+    from apiq_jax.models.hf_io import checkpoint_dtype, load_hf_config
+
+    _, path = llama_dir
+    out = save_pretrained(load_pretrained(path, dtype="bfloat16"), tmp_path / "bf")
+    assert checkpoint_dtype(load_hf_config(out)).name == "bfloat16"
+    assert load_pretrained(out).dtype.name == "bfloat16"                       # default: as stored
+    assert load_pretrained(out, dtype="float32").dtype.name == "float32"      # or as asked
+    assert checkpoint_dtype(load_hf_config(path)).name == "float32"
