@@ -67,3 +67,21 @@ def test_two_bit_storage(rows):
         # the 172-wide down_proj input to 192 columns, which is stored too
         want = _stored_bits_per_param(config, 2, 64, rows[name]["scheme"])
         assert rows[name]["bits_per_param"] == pytest.approx(want, rel=1e-12), (name, want)
+
+
+def test_bfloat16_storage_and_compute_within_three_percent_of_float32(rows):
+    """ApiQ-bw at 2 bits with the weights, caches and evaluation in bfloat16 (blocks calibrated
+    in float32 from the bfloat16 values) against the float32 run of ``rows`` (same settings)."""
+    from apiq_jax.models.quantized import cast_params
+
+    model = load_pretrained(require_shared("models", "stories260K"))
+    data = require_shared("data", "tinystories260K")
+    calib = np.load(data / "calib.npy")[:16, :128]
+    eval_ids = np.load(data / "eval.npy")[:16]
+    out = compare_methods(
+        cast_params(model.params, "bfloat16"), model.config, calib, eval_ids, ("apiq-bw",), bits=2, group_size=64,
+        lora_config=LoraConfig(rank=8, alpha=16.0), epochs=4, seed=0,
+    )
+    (row,) = [r for r in out if r["method"] == "apiq-bw"]
+    fp32 = rows["apiq-bw"]["perplexity"]
+    assert row["perplexity"] == pytest.approx(fp32, rel=0.03), (row["perplexity"], fp32)
