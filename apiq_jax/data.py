@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DATA_SUFFIXES", "check_ids", "data_suffix", "load_ids", "load_tokenizer", "load_tokens", "read_text",
-    "sample_windows", "split_windows", "tokenize", "windows",
+    "CHECK_BLOCK", "DATA_SUFFIXES", "check_ids", "data_suffix", "load_ids", "load_tokenizer", "load_tokens",
+    "read_text", "sample_windows", "split_windows", "token_cache_path", "tokenize", "training_windows", "windows",
 ]
 
 #: file types :func:`load_tokens` reads
 DATA_SUFFIXES = (".npy", ".txt")
+#: :func:`check_ids` reads memory-mapped ids in blocks of about this many values
+CHECK_BLOCK = 1 << 22
 
 
 def _prefix(name: str | None, path: Path) -> str:
@@ -62,15 +64,17 @@ def data_suffix(path: str | os.PathLike, *, name: str | None = None) -> str:
     return suffix
 
 
-def load_ids(path: str | os.PathLike, *, name: str | None = None) -> np.ndarray:
+def load_ids(path: str | os.PathLike, *, name: str | None = None, mmap: bool = False) -> np.ndarray:
     """Integer token ids from a ``.npy`` file, 1-D or 2-D, as stored.
 
     Args:
         path: the ``.npy`` file.
         name: how error messages call the file (default: the path itself).
+        mmap: memory-map the file read-only (``np.load(mmap_mode="r")``) instead of
+            reading it: rows are read from disk when indexed, nothing is held whole.
 
     Returns:
-        The array (its integer dtype unchanged).
+        The array (its integer dtype unchanged; a read-only ``np.memmap`` with ``mmap``).
 
     Raises:
         ValueError: the file is not a readable array, holds a pickled object array
@@ -87,9 +91,9 @@ def load_ids(path: str | os.PathLike, *, name: str | None = None) -> np.ndarray:
     if magic != b"\x93NUMPY":  # pickles and .npz archives are never loaded
         raise ValueError(f"{prefix}: cannot read as a .npy array: not in the .npy format (np.save writes it)")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as e:
-        if "allow_pickle" in str(e):
+        if "allow_pickle" in str(e) or "Python objects" in str(e):
             raise ValueError(
                 f"{prefix}: holds a pickled object array, which is refused (allow_pickle=False); "
                 "save integer token ids, e.g. np.save(path, ids.astype(np.int32))"
@@ -216,17 +220,27 @@ def check_ids(ids: Any, vocab_size: int) -> np.ndarray:
             range, e.g. ``token id 600 at position (0, 2) is out of range for this model;
             accepted: 0 <= id < 512 (vocab_size)``.
     """
-    arr = np.asarray(ids)
+    arr = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
-    bad = (arr < 0) | (arr >= vocab_size)
-    if arr.size and bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        pos: Any = where[0] if len(where) == 1 else where
-        raise ValueError(
-            f"token id {int(arr[where])} at position {pos} is out of range for this model; "
-            f"accepted: 0 <= id < {vocab_size} (vocab_size)"
-        )
+    # in blocks of rows: a memory-mapped file is scanned, never loaded or masked whole
+    rows = arr.reshape(1, -1) if arr.ndim < 2 else arr
+    step = max(1, CHECK_BLOCK // max(1, int(np.prod(rows.shape[1:]))))
+    for start in range(0, rows.shape[0], step):
+        block = np.asarray(rows[start : start + step])
+        if block.size and (block.min() < 0 or block.max() >= vocab_size):
+            bad = (block < 0) | (block >= vocab_size)
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = int(block[where])
+            if arr.ndim < 2:
+                where = (where[-1],) if arr.ndim == 1 else ()
+            else:
+                where = (where[0] + start, *where[1:])
+            pos: Any = where[0] if len(where) == 1 else where
+            raise ValueError(
+                f"token id {value} at position {pos} is out of range for this model; "
+                f"accepted: 0 <= id < {vocab_size} (vocab_size)"
+            )
     return arr
 
 
@@ -379,3 +393,115 @@ def windows(
     if nsamples is None:
         return split_windows(arr, seqlen, name=name)
     return sample_windows(arr, nsamples, seqlen, seed=0 if seed is None else seed, name=name)
+
+
+def _digest(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def token_cache_path(text_path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                     cache_dir: str | os.PathLike) -> Path:
+    """Where :func:`training_windows` caches the token ids of a text file.
+
+    The name holds a digest of the text and of the tokenizer files, so a changed text or
+    tokenizer gets a new cache file instead of stale ids.
+
+    Args:
+        text_path: the ``.txt`` file.
+        tokenizer_dir: the directory holding the tokenizer files.
+        cache_dir: the cache directory (e.g. beside the output).
+
+    Returns:
+        ``cache_dir / "<text stem>.<16 hex digits>.npy"``.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    _digest(Path(text_path), h)
+    for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+              "special_tokens_map.json"):
+        if (Path(tokenizer_dir) / f).is_file():
+            h.update(f.encode())
+            _digest(Path(tokenizer_dir) / f, h)
+    return Path(cache_dir) / f"{Path(text_path).stem}.{h.hexdigest()[:16]}.npy"
+
+
+def training_windows(
+    path: str | os.PathLike,
+    *,
+    seqlen: int | None,
+    tokenizer_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    vocab_size: int,
+    default_seqlen: int | None = None,
+    name: str | None = None,
+) -> np.ndarray:
+    """Training windows ``[n, seqlen]`` of a data file, memory-mapped rather than loaded.
+
+    * ``.npy`` 2-D ids: the rows as they are (``seqlen`` None or their length);
+    * ``.npy`` 1-D ids: non-overlapping windows of ``seqlen`` (the tail dropped);
+    * ``.txt``: tokenized once (:func:`tokenize`, the tokenizer of ``tokenizer_dir``) into
+      an int32 ``.npy`` in ``cache_dir`` (:func:`token_cache_path`), re-used when the same
+      text is given again, then cut like 1-D ids.
+
+    The result is a view of a read-only ``np.memmap``: indexing a batch of rows reads
+    those rows, and the ids are checked against ``vocab_size`` block by block.
+
+    Args:
+        path: the data file.
+        seqlen: window length; for 2-D ids None or their row length.
+        tokenizer_dir: model directory whose tokenizer reads text.
+        cache_dir: directory for the tokenized text (created when text is first cached).
+        vocab_size: the model's vocabulary size.
+        default_seqlen: the window length of 1-D ids and text when ``seqlen`` is None.
+        name: how error messages call the file (default: the path itself).
+
+    Returns:
+        The windows (integer dtype of the file; int32 for text).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file errors of :func:`load_ids` / :func:`read_text`, a ``seqlen``
+            that differs from the rows of 2-D ids, too few tokens for one window, an id
+            out of range.
+    """
+    path = Path(path)
+    prefix = _prefix(name, path)
+    if data_suffix(path, name=name) == ".npy":
+        ids = load_ids(path, name=name, mmap=True)
+    else:
+        cache = token_cache_path(path, tokenizer_dir, cache_dir)
+        if not cache.is_file():
+            tokens = tokenize(read_text(path, name=name), tokenizer_dir)
+            try:
+                check_ids(tokens, vocab_size)
+            except ValueError as e:
+                raise ValueError(f"{prefix}: {e}") from None
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp.npy")
+            np.save(tmp, tokens.astype(np.int32))
+            os.replace(tmp, cache)  # a killed run leaves no half-written cache
+        ids = load_ids(cache, name=name, mmap=True)
+    try:
+        check_ids(ids, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{prefix}: {e}") from None
+    if ids.ndim == 2:
+        if seqlen is not None and seqlen != ids.shape[1]:
+            raise ValueError(
+                f"{prefix}: seqlen {seqlen} differs from the row length {ids.shape[1]}; omit it for 2-D ids "
+                "(their rows are the windows)"
+            )
+        if ids.shape[1] < 2:
+            raise ValueError(f"{prefix}: rows of {ids.shape[1]} token; need >= 2 tokens per row")
+        return ids
+    seqlen = default_seqlen if seqlen is None else seqlen
+    if seqlen is None:
+        raise ValueError(f"{prefix}: 1-D ids and text need a window length (seqlen)")
+    seqlen = _check_seqlen(seqlen)
+    n = ids.shape[0] // seqlen
+    if n == 0:
+        raise ValueError(f"{prefix}: only {ids.shape[0]} tokens, fewer than one window of seqlen {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)  # a view: still memory-mapped

@@ -176,8 +176,67 @@ class Lora:
 
     @property
     def layers(self) -> list["Lora"]:
-        """One ``Lora`` per decoder layer of a model-level tree."""
-        return [Lora(layer, self.config) for layer in self.factors["layers"]]
+        """One ``Lora`` per decoder layer of a model-level tree (stacked layers are sliced)."""
+        return [Lora(layer, self.config) for layer in self.unstack_layers().factors["layers"]]
+
+    @property
+    def is_stacked(self) -> bool:
+        """Whether ``factors["layers"]`` is one dict of stacked factors (:meth:`stack_layers`)."""
+        return isinstance(self.factors, Mapping) and isinstance(self.factors.get("layers"), Mapping)
+
+    def stack_layers(self) -> "Lora":
+        """The model-level factors with the ``"layers"`` list stacked along a leading layer axis.
+
+        ``{"layers": [{name: {"a": [in, r], "b": [r, out]}}] * L}`` becomes
+        ``{"layers": {name: {"a": [L, in, r], "b": [L, r, out]}}}``, the form
+        :func:`apiq_jax.models.forward` scans over (with params from
+        :func:`apiq_jax.models.stack_layers`). A stacked ``Lora`` is returned as is.
+
+        Returns:
+          A ``Lora`` with the same config and stacked factors.
+
+        Raises:
+          ValueError: no ``"layers"`` entry, no layers, or layers that target different
+            linears or have differently shaped factors.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> lo = Lora({"layers": [{"q_proj": {"a": jnp.ones((4, 2)), "b": jnp.zeros((2, 3))}}] * 3},
+          ...           LoraConfig(rank=2))
+          >>> st = lo.stack_layers()
+          >>> st.is_stacked, st["layers"]["q_proj"].a.shape, st.unstack_layers()["layers"][2]["q_proj"].a.shape
+          (True, (3, 4, 2), (4, 2))
+        """
+        if self.is_stacked:
+            return self
+        if not isinstance(self.factors, Mapping) or "layers" not in self.factors:
+            raise ValueError("stack_layers needs a model-level Lora (factors with a 'layers' list)")
+        layers = list(self.factors["layers"])
+        if not layers:
+            raise ValueError("stack_layers: the Lora has no layers")
+        first = jax.tree.structure(layers[0])
+        shapes0 = [jnp.shape(x) for x in jax.tree.leaves(layers[0])]
+        for i, layer in enumerate(layers[1:], start=1):
+            if jax.tree.structure(layer) != first or [jnp.shape(x) for x in jax.tree.leaves(layer)] != shapes0:
+                raise ValueError(f"stack_layers: LoRA layer {i} differs from layer 0 in targets or factor shapes")
+        factors = dict(self.factors)
+        factors["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        return Lora(factors, self.config)
+
+    def unstack_layers(self) -> "Lora":
+        """Inverse of :meth:`stack_layers` (a ``Lora`` with a ``"layers"`` list is returned as is).
+
+        Returns:
+          A ``Lora`` with the same config whose ``factors["layers"]`` is a list of per-layer dicts.
+        """
+        if not self.is_stacked:
+            return self
+        stacked = self.factors["layers"]
+        leaves = jax.tree.leaves(stacked)
+        n = int(leaves[0].shape[0]) if leaves else 0
+        factors = dict(self.factors)
+        factors["layers"] = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+        return Lora(factors, self.config)
 
     def __getitem__(self, key: Any) -> Any:
         """Sub-tree ``factors[key]``: a ``Lora`` (same config) for a container, the array itself for a leaf."""

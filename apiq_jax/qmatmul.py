@@ -7,7 +7,10 @@ Backends (``backend=`` of :func:`qmatmul`, a static string; None means
 * ``"pallas"``: the :mod:`pallas_kernels` Triton (GPU) / Mosaic (TPU) kernels; the input
   gradient runs the transposed kernel on the same packed weights (custom VJP).
 * ``"xla"``: unpack + dequantize + cast fused by XLA into one pass producing the dot
-  operand (no padded/sliced copy of the weight); differentiable by ordinary autodiff.
+  operand (no padded/sliced copy of the weight). Its custom VJP recomputes the
+  dequantization from the packed codes for the input gradient ``dy @ W``: the only
+  residual is the packed weight itself, so no dense ``[N, K]`` weight is ever kept for
+  the backward pass (:func:`xla_matmul`).
 * ``"interpret"``: the GPU Pallas kernel in Pallas' interpreter (CPU testing; slow).
 
 The backend is resolved when a function is traced, so callers pass it down as a static
@@ -167,8 +170,50 @@ def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
     return _dequantize_storage(qt)
 
 
+def _xla_operand(qt: QuantizedTensor, dtype: Any) -> jnp.ndarray:
+    """The dense dot operand of ``qt`` in ``dtype``: ``[N, n_groups * group_size]`` (storage
+    layout, padded columns included) or ``[N, K]`` (kernel layout)."""
+    if qt.layout == "kernel":
+        return pallas_kernels.dequantize_prepared(_kernel_weights(qt)).astype(dtype)
+    n = qt.shape[0]
+    g, gs = qt.n_groups, qt.group_size
+    codes = qt.unpacked_codes().reshape(n, g, gs).astype(jnp.float32)
+    params = GroupParams(qt.dense_scales()[..., None], qt.dense_zeros()[..., None])
+    w = dequantize_groups(codes, params, qt.config).astype(qt.dtype).astype(dtype)
+    return w.reshape(n, g * gs)
+
+
+def _xla_forward(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
+    w = _xla_operand(qt, x2d.dtype)
+    xp = jnp.pad(x2d, ((0, 0), (0, w.shape[1] - x2d.shape[1])))
+    return jax.lax.dot_general(xp, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
+    return _xla_forward(x2d, qt)
+
+
+def _xla_matmul_fwd(x2d, qt):
+    # residuals: the packed weight (an input, never a dense copy) and a zero-size array
+    # carrying x's dtype into the backward
+    return _xla_forward(x2d, qt), (qt, jnp.zeros((0,), x2d.dtype))
+
+
+def _xla_matmul_bwd(res, dy):
+    qt, proto = res
+    w = _xla_operand(qt, proto.dtype)  # recomputed from the codes, fused into the dot by XLA
+    dx = jax.lax.dot_general(dy.astype(proto.dtype), w, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    # the frozen weight gets no cotangent (None: symbolically zero, integer codes included)
+    return dx[:, : qt.shape[1]].astype(proto.dtype), None
+
+
+_xla_matmul.defvjp(_xla_matmul_fwd, _xla_matmul_bwd)
+
+
 def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
-    """``x @ dequantize(qt)^T`` in float32 via XLA.
+    """``x @ dequantize(qt)^T`` in float32 via XLA, with a backward that keeps no dense weight.
 
     Dequantization follows :func:`apiq_jax.quant.uniform.dequantize_groups` exactly (then a
     cast to ``x``'s dtype, as the dense model does). ``x`` is zero-padded to whole groups
@@ -176,22 +221,17 @@ def xla_matmul(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
     pass producing the dot operand (a 2-D dot: CPU XLA handles a 3-D contraction badly).
     A kernel-layout ``qt`` is dequantized with the kernels' reference instead.
 
+    The custom VJP saves only the packed weight (``qt`` itself) and recomputes the
+    dequantized operand in the backward for ``dx = dy @ W`` (accumulated in float32, cast
+    to ``x``'s dtype); ``qt`` is frozen and gets no gradient.
+
     Args:
       x2d: activations ``[M, K]`` (any float dtype).
       qt: a 2-D QuantizedTensor ``[N, K]`` in either layout.
     Returns:
-      float32 ``[M, N]``.
+      float32 ``[M, N]``, differentiable with respect to ``x2d``.
     """
-    if qt.layout == "kernel":
-        return pallas_kernels.qmatmul_reference(x2d, _kernel_weights(qt), precision=None)
-    n, k = qt.shape
-    g, gs = qt.n_groups, qt.group_size
-    codes = qt.unpacked_codes().reshape(n, g, gs).astype(jnp.float32)
-    params = GroupParams(qt.dense_scales()[..., None], qt.dense_zeros()[..., None])
-    w = dequantize_groups(codes, params, qt.config).astype(qt.dtype).astype(x2d.dtype)
-    xp = jnp.pad(x2d, ((0, 0), (0, g * gs - k)))
-    dims = (((1,), (1,)), ((), ()))
-    return jax.lax.dot_general(xp, w.reshape(n, g * gs), dims, preferred_element_type=jnp.float32)
+    return _xla_matmul(x2d, qt)
 
 
 def qmatmul(

@@ -6,6 +6,15 @@ optax optimizer. Training state (LoRA, optimizer state, step) is checkpointed ev
 ``save_every`` steps; re-running the same call with the same ``checkpoint_dir`` resumes
 from the last checkpoint and reproduces the uninterrupted run (batches are drawn from a
 seed and the step number, not from a stateful iterator).
+
+Memory (:class:`FinetuneConfig`): the decoder layers are stacked and run as one
+``lax.scan`` (compile time and program size flat in depth), each block optionally
+rematerialised (``remat``), attention is computed in query blocks beyond
+:data:`~apiq_jax.models.llama.ATTENTION_CHUNK_SCORES` scores, the loss materialises the logits
+of at most :data:`LOSS_CHUNK_LOGITS` values at a time, the quantized linears keep no
+dense weight for the backward pass, the compute may run in bfloat16/float16 (``dtype``;
+LoRA master weights, gradients and optimizer state stay float32), and ``grad_accum``
+splits every batch into micro-batches accumulated inside the one jitted step.
 """
 
 from __future__ import annotations
@@ -25,13 +34,51 @@ from apiq_jax.checkpoint import Checkpointer
 from apiq_jax.data import check_ids
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.llama import forward
+from apiq_jax.models.llama import (
+    REMAT_POLICIES,
+    cast_params,
+    embed,
+    final_logits,
+    hidden_states,
+    stack_layers,
+)
 from apiq_jax.qmatmul import default_backend
+
+#: compute dtypes of finetuning (``FinetuneConfig.dtype``, ``--dtype``)
+DTYPES = ("float32", "bfloat16", "float16")
+#: the loss holds the logits of at most this many (token, vocab) values at a time
+LOSS_CHUNK_LOGITS = 2**22
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Hyper-parameters of LoRA finetuning (frozen, hashable)."""
+    """Hyper-parameters of LoRA finetuning (frozen, hashable).
+
+    Attributes:
+      steps, batch_size, learning_rate, weight_decay, warmup_steps, max_grad_norm, seed,
+        save_every: the optimisation (``batch_size`` windows per optimizer step).
+      dtype: compute dtype of the forward and backward passes ("float32", "bfloat16",
+        "float16"); the frozen weights are cast to it (packed codes untouched), the LoRA
+        master weights, gradients and optimizer state stay float32. float16 scales the
+        loss by the number of tokens of a micro-batch (undone in float32 before the update).
+      remat: what the decoder blocks keep for the backward pass, one of
+        :data:`~apiq_jax.models.llama.REMAT_POLICIES`: "none" (everything: the fastest,
+        memory linear in depth and batch), "block" (only each block's input; every block
+        is recomputed in the backward pass, about 1/3 more compute), "dots" (also the
+        outputs of the linears), "sqrt" (only the input of every ~sqrt(layers)-th block,
+        the least memory for about 1/4 more compute than "block"). The default "none" runs
+        the same program as before; on small models on CPU no setting is consistently
+        faster (``benchmarks/memory.py finetune``: within the run-to-run noise of +-10%).
+      grad_accum: micro-batches per step: each batch of ``batch_size`` windows is split in
+        ``grad_accum`` parts whose gradients are averaged inside the one jitted step (same
+        result as one batch, a ``grad_accum``-th of the activation memory).
+      scan_layers: run the decoder layers as ``lax.scan`` over stacked layers (compile time
+        and program size flat in depth) rather than unrolled. None (default): scan with a
+        remat policy, unrolled with "none" (XLA's CPU backend runs the unrolled layers of
+        a small model faster when every intermediate is kept). Only for the default LoRA
+        loss and layers that stack (the same quantization in every layer); otherwise the
+        layers run unrolled.
+    """
 
     steps: int = 100
     batch_size: int = 8
@@ -41,16 +88,36 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     save_every: int = 50
+    dtype: str = "float32"
+    remat: str = "none"
+    grad_accum: int = 1
+    scan_layers: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "save_every"):
+        for name in ("steps", "batch_size", "save_every", "grad_accum"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, steps={self.steps}]")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; accepted: {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not supported; accepted: {REMAT_POLICIES}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size} "
+                "(each batch is split into grad_accum equal micro-batches)"
+            )
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"scan_layers={self.scan_layers!r} must be True, False or None (auto)")
+
+    @property
+    def scans(self) -> bool:
+        """Whether the default loss runs the layers as a ``lax.scan`` (``scan_layers``, resolved)."""
+        return self.remat != "none" if self.scan_layers is None else self.scan_layers
 
 
 def make_optimizer(cfg: FinetuneConfig) -> optax.GradientTransformation:
@@ -80,21 +147,41 @@ def causal_lm_loss(
     config: ModelConfig,
     *,
     backend: str | None = None,
+    dtype: Any = None,
+    remat: str = "none",
+    attention_impl: str = "auto",
+    chunk_tokens: int | None = None,
 ) -> jnp.ndarray:
     """Mean next-token NLL of ``ids [b, s]`` (a function of ``lora`` only; ``frozen`` is constant).
 
+    With the defaults this is ``next_token_nll(forward(frozen, lora, ids, config), ids)``
+    whenever the logits fit in :data:`LOSS_CHUNK_LOGITS` values; beyond, the logits are
+    computed and rematerialised a chunk of tokens at a time (:func:`next_token_nll_from_hidden`).
+
     Args:
-      frozen: the frozen params.
-      lora: the model's :class:`~apiq_jax.lora.Lora`.
+      frozen: the frozen params (a ``"layers"`` list, or stacked layers run as one ``lax.scan``).
+      lora: the model's :class:`~apiq_jax.lora.Lora` (list or stacked layers).
       ids: int token ids ``[b, s]``.
       config: the model config.
       backend: qmatmul backend of quantized linears.
+      dtype: compute dtype (the embeddings are cast to it); None: the embeddings' dtype.
+      remat: per-block rematerialisation (:data:`~apiq_jax.models.llama.REMAT_POLICIES`).
+      attention_impl: :data:`~apiq_jax.models.llama.ATTENTION_IMPLS`.
+      chunk_tokens: tokens whose logits are computed at once; None: as many as hold
+        :data:`LOSS_CHUNK_LOGITS` values.
 
     Returns:
       The scalar float32 loss.
+
+    Raises:
+      ValueError: an unknown ``remat`` or ``attention_impl``.
     """
     frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-    return next_token_nll(forward(frozen, lora, ids, config, backend=backend), ids)
+    x = embed(frozen, ids, config)
+    if dtype is not None:
+        x = x.astype(dtype)
+    h = hidden_states(frozen, lora, x, config, backend=backend, remat=remat, attention_impl=attention_impl)
+    return next_token_nll_from_hidden(frozen, h, ids, config, backend=backend, chunk_tokens=chunk_tokens)
 
 
 def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
@@ -109,6 +196,64 @@ def next_token_nll(logits: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
     """
     logits = logits[:, :-1].astype(jnp.float32)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
+
+
+def next_token_nll_from_hidden(
+    params: Mapping[str, Any],
+    h: jnp.ndarray,
+    ids: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    backend: str | None = None,
+    chunk_tokens: int | None = None,
+) -> jnp.ndarray:
+    """:func:`next_token_nll` of the logits of the last hidden states ``h``, in token chunks.
+
+    The ``b * (s - 1)`` predicting positions are cut into chunks of ``chunk_tokens``; a
+    ``lax.scan`` computes each chunk's logits (final norm and head,
+    :func:`~apiq_jax.models.llama.final_logits`), their float32 cross-entropy and sum, and
+    rematerialises them in the backward pass: at most one chunk of ``[chunk, vocab]``
+    logits is alive instead of several ``[b, s, vocab]`` buffers. When everything fits in
+    one chunk this is exactly ``next_token_nll(final_logits(params, h, config), ids)``.
+
+    Args:
+      params: the model params (final norm, head or tied embeddings).
+      h: the last decoder block's output ``[b, s, D]``.
+      ids: int token ids ``[b, s]``.
+      config: the model config.
+      backend: qmatmul backend of a quantized head.
+      chunk_tokens: tokens per chunk; None: ``max(1, LOSS_CHUNK_LOGITS // vocab_size)``.
+
+    Returns:
+      The scalar float32 mean NLL.
+
+    Raises:
+      ValueError: a ``chunk_tokens`` that is not a positive int.
+    """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_LOGITS // config.vocab_size)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive int or None")
+    b, s, d = h.shape
+    n_tok = b * (s - 1)
+    if n_tok <= chunk_tokens:
+        return next_token_nll(final_logits(params, h, config, backend=backend, dtype=jnp.float32), ids)
+    n_chunks = -(-n_tok // chunk_tokens)
+    pad = n_chunks * chunk_tokens - n_tok
+    hs = jnp.pad(h[:, :-1].reshape(n_tok, d), ((0, pad), (0, 0))).reshape(n_chunks, chunk_tokens, d)
+    labels = jnp.pad(ids[:, 1:].reshape(n_tok), (0, pad)).reshape(n_chunks, chunk_tokens)
+    weights = (jnp.arange(n_chunks * chunk_tokens) < n_tok).astype(jnp.float32).reshape(n_chunks, chunk_tokens)
+
+    @jax.checkpoint
+    def chunk_sum(hc: jnp.ndarray, lc: jnp.ndarray, wc: jnp.ndarray) -> jnp.ndarray:
+        logits = final_logits(params, hc, config, backend=backend, dtype=jnp.float32)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, lc) * wc)
+
+    def body(total: jnp.ndarray, xs: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, None]:
+        return total + chunk_sum(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, labels, weights))
+    return total / n_tok
 
 
 #: ``loss_fn(frozen, trainable, ids) -> scalar``: the finetuning objective of a trainable pytree.
@@ -147,28 +292,60 @@ def make_train_step(
     loss_fn: LossFn | None = None,
     *,
     backend: str | None = None,
+    finetune_config: FinetuneConfig | None = None,
 ) -> Callable[..., tuple[Any, Any, jnp.ndarray]]:
     """A jitted ``step(frozen, trainable, opt_state, ids) -> (trainable, opt_state, loss)``.
+
+    With ``finetune_config.grad_accum = A`` the batch ``ids [b, s]`` is split into ``A``
+    micro-batches ``[b / A, s]``; a ``lax.scan`` over them sums the float32 losses and
+    gradients, and their means make the update (equal to one batch of ``b``). With
+    ``dtype="float16"`` the loss is scaled by the tokens of a micro-batch before
+    differentiation and the gradients unscaled in float32.
 
     Args:
       config: the model config.
       optimizer: the optax transformation.
       loss_fn: ``loss_fn(frozen, trainable, ids)``; default :func:`causal_lm_loss` of a
-        :class:`~apiq_jax.lora.Lora`.
+        :class:`~apiq_jax.lora.Lora` with the config's ``dtype`` and ``remat``.
       backend: qmatmul backend used by the default loss.
+      finetune_config: ``dtype``, ``remat`` and ``grad_accum`` (default
+        :class:`FinetuneConfig`'s).
 
     Returns:
-      The jitted step (gradients with respect to ``trainable`` only).
+      The jitted step (gradients with respect to ``trainable`` only; ``ids``' batch size
+      must be a multiple of ``grad_accum``).
     """
+    cfg = FinetuneConfig() if finetune_config is None else finetune_config
     if loss_fn is None:
         backend = backend or default_backend()
 
         def loss_fn(frozen, lora, ids):
-            return causal_lm_loss(frozen, lora, ids, config, backend=backend)
+            return causal_lm_loss(frozen, lora, ids, config, backend=backend, dtype=cfg.dtype, remat=cfg.remat)
+
+    accum = cfg.grad_accum
+
+    def value_and_grad(frozen, trainable, ids):
+        scale = float(ids.shape[0] * (ids.shape[1] - 1)) if cfg.dtype == "float16" else 1.0
+        if scale == 1.0:
+            return jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, ids)
+        loss, grads = jax.value_and_grad(lambda f, t, i: loss_fn(f, t, i) * scale, argnums=1)(frozen, trainable, ids)
+        return loss / scale, jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
 
     @jax.jit
     def step(frozen, trainable, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(frozen, trainable, ids)
+        if accum == 1:
+            loss, grads = value_and_grad(frozen, trainable, ids)
+        else:
+            micro = ids.reshape(accum, ids.shape[0] // accum, *ids.shape[1:])
+
+            def body(carry, mb):
+                loss, grads = value_and_grad(frozen, trainable, mb)
+                return jax.tree.map(jnp.add, carry, (loss.astype(jnp.float32), grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), trainable))
+            (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        grads = jax.tree.map(lambda g, t: g.astype(t.dtype), grads, trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -216,13 +393,18 @@ def finetune(
 
     With ``checkpoint_dir`` the state is saved every ``finetune_config.save_every`` steps
     and at the end, and an existing checkpoint there is resumed from (its loss history
-    included).
+    included). The frozen params are cast to ``finetune_config.dtype`` once (packed codes
+    untouched); with the default loss and ``finetune_config.scans`` the layers of the
+    frozen params, the LoRA and its optimizer moments are stacked once and run as a
+    ``lax.scan``. Checkpoints always hold the ``"layers"`` list form, so a run may be
+    resumed with other memory settings.
 
     Args:
       frozen: the frozen (quantized) params.
       lora: the trainable pytree: the model's :class:`~apiq_jax.lora.Lora` by default, or
         whatever ``loss_fn`` trains (a soft prompt, adapters, QAT weights).
-      train_ids: int token windows ``[n, seqlen]``.
+      train_ids: int token windows ``[n, seqlen]``; a ``np.memmap`` (e.g.
+        :func:`apiq_jax.data.training_windows`) is read one batch of rows at a time.
       config: the model config.
       finetune_config: steps, batch size, learning rate, ...
       checkpoint_dir: where to save and resume (None: no checkpoints).
@@ -250,29 +432,59 @@ def finetune(
       2
     """
     cfg = finetune_config
-    ids = np.asarray(train_ids)
+    ids = train_ids if isinstance(train_ids, np.ndarray) else np.asarray(train_ids)  # a memmap stays mapped
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"train_ids must be a non-empty int array [n, seqlen >= 2], got shape {ids.shape}")
+    if cfg.batch_size % cfg.grad_accum:  # FinetuneConfig checks this too; kept for replaced configs
+        raise ValueError(f"grad_accum={cfg.grad_accum} must divide batch_size={cfg.batch_size}")
     check_ids(ids, config.vocab_size)
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
-    step_fn = make_train_step(config, optimizer, loss_fn, backend=backend)
-    state = {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.int32(0),
+    step_fn = make_train_step(config, optimizer, loss_fn, backend=backend, finetune_config=cfg)
+    compute = cast_params(frozen, cfg.dtype)
+    stacked = loss_fn is None and cfg.scans and isinstance(lora, Lora) and _stackable(compute)
+    if stacked:
+        compute = stack_layers(compute)
+    state = {"lora": lora, "opt_state": optimizer.init(_stacked(lora, stacked)), "step": jnp.int32(0),
              "losses": jnp.zeros((cfg.steps,), jnp.float32)}
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.latest_step() is not None:
-        state = ckpt.restore(ckpt.latest_step(), state)
+        state = ckpt.restore(ckpt.latest_step(), _unstacked(state))
     start = int(state["step"])
-    lora, opt_state, losses = state["lora"], state["opt_state"], np.asarray(state["losses"]).copy()
+    trainable, opt_state = _stacked(state["lora"], stacked), _stacked(state["opt_state"], stacked)
+    losses = np.asarray(state["losses"]).copy()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         batch = jnp.asarray(ids[batch_indices(len(ids), cfg.batch_size, step, cfg.seed)], jnp.int32)
-        lora, opt_state, loss = step_fn(frozen, lora, opt_state, batch)
+        trainable, opt_state, loss = step_fn(compute, trainable, opt_state, batch)
         losses[step] = float(loss)
         bar.set_postfix(loss=f"{losses[step]:.4f}")
         done = step + 1
         if ckpt is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            ckpt.save(done, {"lora": lora, "opt_state": opt_state, "step": jnp.int32(done),
-                             "losses": jnp.asarray(losses)})
+            # saved with a "layers" list whatever the compute form, so checkpoints do not
+            # depend on scan_layers
+            ckpt.save(done, _unstacked({"lora": trainable, "opt_state": opt_state, "step": jnp.int32(done),
+                                        "losses": jnp.asarray(losses)}))
     if ckpt is not None:
         ckpt.close()
-    return lora, [float(x) for x in losses]
+    return _unstacked(trainable), [float(x) for x in losses]
+
+
+def _stackable(params: Mapping[str, Any]) -> bool:
+    try:
+        stack_layers(jax.eval_shape(lambda p: p, params))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _map_loras(tree: Any, fn: Callable[[Lora], Lora]) -> Any:
+    return jax.tree.map(lambda x: fn(x) if isinstance(x, Lora) else x, tree, is_leaf=lambda x: isinstance(x, Lora))
+
+
+def _stacked(tree: Any, stacked: bool) -> Any:
+    """Every model-level Lora in ``tree`` (the LoRA, the optimizer's moments) stacked when ``stacked``."""
+    return _map_loras(tree, lambda lo: lo.stack_layers()) if stacked else tree
+
+
+def _unstacked(tree: Any) -> Any:
+    return _map_loras(tree, lambda lo: lo.unstack_layers())

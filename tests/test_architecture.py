@@ -21,7 +21,7 @@ EVALUATE = MODELS | {"apiq_jax.evaluate"}
 CALIBRATION = EVALUATE | {"apiq_jax.calibration"}
 TRAINING = CALIBRATION | {"apiq_jax.training"}
 PEFT = TRAINING | {"apiq_jax.adapters", "apiq_jax.prompt_tuning", "apiq_jax.qat"}
-HARNESS = PEFT | {"apiq_jax.compare", "apiq_jax.demo_data"}
+HARNESS = PEFT | {"apiq_jax.compare", "apiq_jax.demo_data", "apiq_jax.memory_plan"}
 
 #: package or module -> what its code may import (besides itself and the standard/third-party world)
 ALLOWED: dict[str, set[str]] = {
@@ -41,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "apiq_jax.qat": PEFT,
     "apiq_jax.demo_data": {"apiq_jax.demo_data"},
     "apiq_jax.compare": HARNESS,
+    "apiq_jax.memory_plan": HARNESS,
     "apiq_jax.commands": HARNESS | {"apiq_jax.commands", "apiq_jax"},
     "apiq_jax.cli": {"apiq_jax.commands", "apiq_jax"},
 }

@@ -210,3 +210,56 @@ def test_load_ids_refuses_raw_pickles(tmp_path):
     path.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(ValueError, match="not in the .npy format"):
         load_ids(path)
+
+
+# --- memory-mapped training windows -------------------------------------------------------------
+def test_load_ids_mmap_and_block_wise_check(tmp_path, monkeypatch):
+    arr = np.random.default_rng(0).integers(0, 100, (50, 7)).astype(np.int32)
+    arr[37, 5] = 100
+    np.save(tmp_path / "ids.npy", arr)
+    mm = load_ids(tmp_path / "ids.npy", mmap=True)
+    assert isinstance(mm, np.memmap) and not mm.flags.writeable
+    np.testing.assert_array_equal(mm, arr)
+    monkeypatch.setattr(D, "CHECK_BLOCK", 20)  # blocks of 2 rows: the bad id is found in a later block
+    with pytest.raises(ValueError, match=r"token id 100 at position \(37, 5\) is out of range"):
+        check_ids(mm, 100)
+    with pytest.raises(ValueError, match=r"token id 100 at position 264 is out of range"):
+        check_ids(arr.ravel(), 100)  # 1-D: a flat position
+    assert check_ids(mm[:37], 100) is not None
+    np.save(tmp_path / "obj.npy", np.array([1, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickled object array.*refused"):
+        load_ids(tmp_path / "obj.npy", mmap=True)
+
+
+def test_training_windows_are_memory_mapped_views(tmp_path):
+    stream = np.arange(103, dtype=np.int64) % 50
+    np.save(tmp_path / "s.npy", stream)
+    w = D.training_windows(tmp_path / "s.npy", seqlen=None, default_seqlen=10, tokenizer_dir=tmp_path,
+                           cache_dir=tmp_path / "c", vocab_size=50)
+    np.testing.assert_array_equal(w, split_windows(stream, 10))
+    assert isinstance(w.base, np.memmap) or isinstance(w, np.memmap)  # a view of the mapped file, not a copy
+    rows = np.arange(24, dtype=np.int32).reshape(4, 6)
+    np.save(tmp_path / "r.npy", rows)
+    r = D.training_windows(tmp_path / "r.npy", seqlen=None, default_seqlen=10, tokenizer_dir=tmp_path,
+                           cache_dir=tmp_path / "c", vocab_size=50)
+    np.testing.assert_array_equal(r, rows)
+    with pytest.raises(ValueError, match=r"^--data r.npy: seqlen 5 differs from the row length 6"):
+        D.training_windows(tmp_path / "r.npy", seqlen=5, tokenizer_dir=tmp_path, cache_dir=tmp_path / "c",
+                           vocab_size=50, name="--data r.npy")
+    with pytest.raises(ValueError, match=r"accepted: 0 <= id < 20"):
+        D.training_windows(tmp_path / "r.npy", seqlen=None, tokenizer_dir=tmp_path, cache_dir=tmp_path / "c",
+                           vocab_size=20)
+    assert not (tmp_path / "c").exists()  # nothing cached for ids
+
+
+def test_training_windows_cache_text_once(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "t.txt").write_text(TEXT)
+    kw = dict(seqlen=16, tokenizer_dir=DEMO_MODEL_DIR, cache_dir=tmp_path / "cache", vocab_size=tokenizer.vocab_size)
+    w = D.training_windows(tmp_path / "t.txt", **kw)
+    np.testing.assert_array_equal(w, windows(TEXT, seqlen=16, tokenizer=tokenizer))
+    cache = D.token_cache_path(tmp_path / "t.txt", DEMO_MODEL_DIR, tmp_path / "cache")
+    assert cache.is_file() and list((tmp_path / "cache").iterdir()) == [cache]
+    monkeypatch.setattr(D, "tokenize", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized again")))
+    np.testing.assert_array_equal(D.training_windows(tmp_path / "t.txt", **kw), w)  # from the cache
+    (tmp_path / "t.txt").write_text(TEXT + "more text\n")  # another text: another cache file
+    assert D.token_cache_path(tmp_path / "t.txt", DEMO_MODEL_DIR, tmp_path / "cache") != cache

@@ -133,3 +133,21 @@ def test_merge_lora_matches_forward_with_lora(params):
     assert merged["embed_tokens"] is params["embed_tokens"]
     with pytest.raises(ValueError, match="LoRA has 1 layers, params have 2"):
         merge_lora(params, lora.replace({"layers": lora.factors["layers"][:1]}))
+
+
+def test_stack_and_unstack_layers(params):
+    lora = init_lora(params, LoraConfig(rank=4, alpha=8, targets="q,down"), jax.random.key(3))
+    st = lora.stack_layers()
+    assert st.is_stacked and not lora.is_stacked and st.config == lora.config
+    assert st["layers"]["q_proj"].a.shape == (2, 32, 4) and st["layers"]["down_proj"].b.shape == (2, 4, 32)
+    assert st.stack_layers() is st and lora.unstack_layers() is lora
+    back = st.unstack_layers()
+    assert jax.tree.structure(back) == jax.tree.structure(lora)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(st.layers[1]["q_proj"].a), np.asarray(lora["layers"][1]["q_proj"].a))
+    uneven = Lora({"layers": [lora.factors["layers"][0], {"q_proj": lora.factors["layers"][1]["q_proj"]}]}, lora.config)
+    with pytest.raises(ValueError, match="LoRA layer 1 differs from layer 0"):
+        uneven.stack_layers()
+    with pytest.raises(ValueError, match="needs a model-level Lora"):
+        lora["layers"][0].stack_layers()

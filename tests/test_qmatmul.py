@@ -253,3 +253,60 @@ def test_environment_variable_picks_the_default_backend(model):
         traced = str(jax.make_jaxpr(lambda l: apply(frozen, l, ids, CFG))(lora))
     assert "pallas_call" in traced
     assert "pallas_call" not in str(jax.make_jaxpr(lambda l: apply(frozen, l, ids, CFG, backend="xla"))(lora))
+
+
+# --- the backward keeps no dense weight -------------------------------------------------------
+def _float_residuals(fn, *args) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of the floating arrays that ``jax.vjp(fn, *args)`` keeps for the backward pass."""
+    _, vjp_fn = jax.vjp(fn, *args)
+    return [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(vjp_fn)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+@pytest.mark.parametrize("layout", ["storage", "kernel"])
+def test_xla_backward_keeps_no_dense_weight(layout):
+    qt = _qt(QuantConfig(bits=2, group_size=64))  # [200, 172]: groups pad K to 192
+    qt = qm.prepare(qt) if layout == "kernel" else qt
+    x = jax.random.normal(jax.random.key(1), (5, 172))
+    dense_shapes = {(200, 172), (200, 192), (172, 200), (192, 200)}
+    saved = _float_residuals(lambda x: jnp.sin(qm.qmatmul(x, qt, backend="xla")), x)
+    assert not [s for s, _ in saved if s in dense_shapes], saved
+    # the check can fail: plain autodiff of the same forward keeps the dequantized [200, 192] weight
+    plain = _float_residuals(lambda x: jnp.sin(qm._xla_forward(x, qt)), x)
+    assert [s for s, _ in plain if s in dense_shapes], plain
+
+
+@pytest.mark.parametrize("layout", ["storage", "kernel"])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_xla_custom_vjp_equals_autodiff_of_the_forward(layout, dtype, rtol):
+    """dx of the custom VJP == autodiff of the same dequantize-then-dot forward (the old path)."""
+    qt = _qt(QuantConfig(bits=3, group_size=64))
+    qt = qm.prepare(qt) if layout == "kernel" else qt
+    x = jax.random.normal(jax.random.key(1), (7, 172)).astype(dtype)
+    r = jax.random.normal(jax.random.key(2), (7, 200))
+
+    def loss(f):
+        return lambda x: jnp.sum(jnp.tanh(f(x, qt)) * r)
+
+    g = jax.jit(jax.grad(loss(lambda x, qt: qm.qmatmul(x, qt, backend="xla"))))(x)
+    ref = jax.jit(jax.grad(loss(qm._xla_forward)))(x)
+    assert g.dtype == ref.dtype == dtype
+    g, ref = np.asarray(g, np.float32), np.asarray(ref, np.float32)
+    # float32: the same products summed in the same order (<= 1e-6 of the largest entry);
+    # bfloat16: dx is rounded to bfloat16 either way (one ulp = 2^-8 relative)
+    assert np.abs(g - ref).max() <= rtol * np.abs(ref).max()
+
+
+def test_model_gradient_keeps_no_dense_weight(model):
+    """The whole model's backward (no remat): no residual has the shape of a linear weight."""
+    frozen, lora, ids = model
+    shapes = {tuple(w.shape) for layer in frozen["layers"] for w in layer.values() if isinstance(w, QuantizedTensor)}
+    shapes |= {(o, -(-i // 64) * 64) for o, i in shapes}  # the group-padded operand
+    shapes |= {(i, o) for o, i in shapes}
+    assert 2 * 12 not in {s for shape in shapes for s in shape}  # activations [24, .] cannot collide
+
+    def loss(l):
+        return jnp.mean(jax.nn.logsumexp(forward(jax.lax.stop_gradient(frozen), l, ids, CFG, backend="xla"), -1))
+
+    saved = _float_residuals(loss, lora)
+    assert saved and not [s for s, _ in saved if s in shapes], saved

@@ -80,7 +80,7 @@ def load_eval_model(model_dir: Path, dtype: str | None) -> dict[str, Any]:
         FileNotFoundError: ``model_dir`` is missing or not a directory.
     """
     from apiq_jax.models import is_quantized_dir, load_pretrained, load_quantized
-    from apiq_jax.models.quantized import cast_params
+    from apiq_jax.models.llama import cast_params
 
     if not model_dir.exists():
         raise FileNotFoundError(f"--model {model_dir}: directory not found")

@@ -2,6 +2,7 @@
 
     apiq-jax finetune --model QUANT_DIR --data FILE --out OUT [--steps N] [--batch-size B]
         [--lr LR] [--seqlen L] [--eval FILE] [--save-every K] [--seed S]
+        [--dtype D] [--remat R] [--grad-accum N]
 
 Training defaults are those of apiq_jax.training.FinetuneConfig (read from the dataclass,
 so the CLI and the library cannot disagree). See :data:`DESCRIPTION` for the rest.
@@ -22,6 +23,7 @@ from apiq_jax.commands.common import (
     load_token_data,
     print_json,
 )
+from apiq_jax.data import training_windows
 
 NAME = "finetune"
 HELP = "train the LoRA factors of a saved quantized model (resumable)"
@@ -30,11 +32,17 @@ Train the LoRA factors of a saved quantized model on text or token ids.
 
   apiq-jax finetune --model QUANT_DIR --data FILE --out OUT [--steps N] [--batch-size B]
       [--lr LR] [--seqlen L] [--eval FILE] [--save-every K] [--seed S]
+      [--dtype D] [--remat R] [--grad-accum N]
 
 QUANT_DIR is a directory written by apiq-jax quantize (frozen bit-packed weights +
 LoRA). Only the LoRA pytree is trained (AdamW, warm-up + cosine decay, gradient
 clipping); the quantized weights are never differentiated. --data/--eval take token
-ids (.npy) or raw text (.txt) like apiq-jax eval. Training state is checkpointed with
+ids (.npy) or raw text (.txt) like apiq-jax eval; --data is memory-mapped and read a
+batch at a time (text is tokenized once into OUT/data_cache/, re-used on re-run).
+Memory: --dtype bfloat16 halves the activations, --remat block (or sqrt) keeps one
+activation per block (per ~sqrt(layers) blocks) instead of every intermediate, and
+--grad-accum N splits each batch into N micro-batches; none of them changes what one
+optimizer step computes (beyond 16-bit rounding). Training state is checkpointed with
 orbax under OUT/checkpoints every --save-every steps: re-running an interrupted
 command continues from the last checkpoint. OUT ends up a quantized model directory
 with the finetuned LoRA (apiq-jax eval --model OUT reads it), plus loss.png. The
@@ -43,6 +51,8 @@ JSON object with the run's summary.
 """
 #: training state checkpoints inside --out
 CHECKPOINT_SUBDIR = "checkpoints"
+#: token ids of --data text, tokenized once, inside --out
+DATA_CACHE_SUBDIR = "data_cache"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,10 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Returns:
         None; the arguments are added to ``p``.
     """
-    from apiq_jax.training import FinetuneConfig
+    from apiq_jax.models.llama import REMAT_POLICIES
+    from apiq_jax.training import DTYPES, FinetuneConfig
 
     d = {name: field_default(FinetuneConfig, name)
-         for name in ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "save_every", "seed")}
+         for name in ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "save_every", "seed",
+                      "dtype", "remat", "grad_accum")}
     p.add_argument("--model", required=True, help="quantized model directory (from apiq-jax quantize)")
     p.add_argument("--data", required=True, help="training data: token ids (.npy) or raw text (.txt)")
     p.add_argument("--out", required=True, help="output directory (created; holds checkpoints while training)")
@@ -76,6 +88,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=d["save_every"],
                    help=f"checkpoint interval in steps (default {d['save_every']})")
     p.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the batch order (default {d['seed']})")
+    # validated by FinetuneConfig (a one-line error naming the value and what is accepted)
+    p.add_argument("--dtype", default=d["dtype"], metavar="{" + ",".join(DTYPES) + "}",
+                   help="compute dtype: the dtype of the activations and of the frozen weights in the forward "
+                        "and backward passes (the packed codes are untouched; LoRA master weights, gradients "
+                        f"and optimizer state stay float32). bfloat16/float16 halve activation memory; float16 "
+                        f"scales the loss by the tokens of a micro-batch (default {d['dtype']})")
+    p.add_argument("--remat", default=d["remat"], metavar="{" + ",".join(REMAT_POLICIES) + "}",
+                   help="what each decoder block keeps for the backward pass: none = every intermediate, nothing recomputed "
+                        "(memory linear in depth and batch); block = only its input, the block is "
+                        "recomputed (~1/3 more compute); dots = also the outputs of the linears; sqrt = only "
+                        "the input of every ~sqrt(layers)-th block (least memory, ~1/4 more compute than "
+                        "block). With a remat policy the layers run as one lax.scan (compile time flat in depth). "
+                        f"Default {d['remat']}: no recomputation, the same program as before; on small models no "
+                        "setting is consistently faster on CPU (benchmarks/memory.py finetune: within the +-10%% "
+                        "run-to-run noise), so the fastest step on small models is kept; use block or sqrt when "
+                        "the activations do not fit")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], metavar="N",
+                   help="split every batch of --batch-size windows into N micro-batches whose gradients are "
+                        "averaged inside one step: the same update, 1/N of the activation memory (must divide "
+                        f"--batch-size; default {d['grad_accum']})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_argument(p)
 
@@ -118,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
         FileNotFoundError: a missing ``--model`` directory or data file.
         ValueError: ``--model`` is not a saved quantized model or holds no LoRA, a
             ``--seqlen`` below 2, invalid training settings (see
-            :class:`~apiq_jax.training.FinetuneConfig`), and the data errors of
+            :class:`~apiq_jax.training.FinetuneConfig`: ``--dtype``, ``--remat``,
+            ``--grad-accum``), and the data errors of
+            :func:`~apiq_jax.data.training_windows` and
             :func:`~apiq_jax.commands.common.load_token_data`.
     """
     from apiq_jax.evaluate import perplexity_ids
@@ -143,10 +177,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {model_dir} holds no LoRA factors to finetune")
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                          weight_decay=args.weight_decay, warmup_steps=args.warmup, seed=args.seed,
-                         save_every=args.save_every)
+                         save_every=args.save_every, dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum)
     max_len = config.max_position_embeddings
-    train_ids = load_token_data(Path(args.data), "--data", model_dir=model_dir, seqlen=args.seqlen, max_len=max_len,
-                                vocab_size=config.vocab_size)
+    out = Path(args.out)
+    # memory-mapped, read a batch at a time; text is tokenized once into OUT/data_cache
+    train_ids = training_windows(
+        Path(args.data), seqlen=args.seqlen, default_seqlen=min(DEFAULT_SEQLEN, max_len), tokenizer_dir=model_dir,
+        cache_dir=out / DATA_CACHE_SUBDIR, vocab_size=config.vocab_size, name=f"--data {args.data}")
     eval_ids = None if args.eval is None else load_token_data(
         Path(args.eval), "--eval", model_dir=model_dir, seqlen=args.seqlen, max_len=max_len,
         vocab_size=config.vocab_size)
@@ -156,7 +193,6 @@ def run(args: argparse.Namespace) -> int:
             return None
         return perplexity_ids(params, eval_ids, config=config, lora=lo, backend=backend).perplexity
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend, prepare = compute_backend(args.backend)
     compute = prepare(frozen)  # kernel layout for Pallas; `frozen` stays the storage layout
@@ -169,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "train_windows": int(train_ids.shape[0]), "seqlen": int(train_ids.shape[1]),
         "first_loss": losses[0], "final_loss": losses[-1],
         "perplexity_before": ppl_before, "perplexity_after": ppl_after, "backend": backend,
+        "dtype": cfg.dtype, "remat": cfg.remat, "grad_accum": cfg.grad_accum,
     }
     save_quantized(out, frozen, lora, config,
                    metadata={**meta, "finetune": {**summary, "losses": losses, "base": str(model_dir)}},

@@ -21,12 +21,24 @@ A linear leaf ``W`` is a dense ``[out, in]`` array or an
 ``backend`` (static) picks the low-bit matmul of quantized linears
 (:func:`apiq_jax.qmatmul.qmatmul`): None means :func:`apiq_jax.qmatmul.default_backend`.
 
+Stacked layers: :func:`stack_layers` turns the ``"layers"`` list into one dict of arrays
+with a leading layer axis (QuantizedTensor children stacked too; the same for a
+:class:`~apiq_jax.lora.Lora` with :meth:`~apiq_jax.lora.Lora.stack_layers`), and the
+entry points (:func:`forward`, :func:`hidden_states`, ...) run stacked params as one
+``lax.scan`` over depth; a ``"layers"`` list still runs unrolled. Memory knobs of the entry
+points: ``remat`` (:data:`REMAT_POLICIES`, ``jax.checkpoint`` per block or group of
+blocks) and ``attention_impl`` (:data:`ATTENTION_IMPLS`: query blocks, so attention is
+not ``O(s^2)`` in memory). 16-bit activations compute their matmuls with float32
+accumulation and 16-bit operands in both passes.
+
 The functions here are the single implementation of the math; :class:`LlamaForCausalLM`
 (Flax NNX) and the calibration code call them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +54,18 @@ from apiq_jax.qmatmul import default_backend, qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
+#: ``attention(impl=...)``: "auto" (plain while the scores fit in one block, chunked beyond), "plain", "chunked"
+ATTENTION_IMPLS = ("auto", "plain", "chunked")
+#: the chunked attention path holds at most this many float32 scores per query block
+ATTENTION_CHUNK_SCORES = 2**22
+#: fewest query rows per block of the chunked attention path
+ATTENTION_MIN_ROWS = 64
+#: ``remat=``: what the decoder blocks keep for the backward pass. "none": every
+#: intermediate; "block": only each block's input (the block is recomputed);
+#: "dots": also the outputs of the matmuls without batch dimensions (the linears);
+#: "sqrt": only the input of every g-th block (g ~ sqrt(layers), :func:`sqrt_group_size`;
+#: the blocks of a group are recomputed twice)
+REMAT_POLICIES = ("none", "block", "dots", "sqrt")
 
 Params = dict[str, Any]
 
@@ -251,12 +275,63 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, s
 
 
 # --- building blocks ----------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum16(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum16_fwd(spec, a, b):
+    return _einsum16(spec, a, b), (a, b)
+
+
+def _einsum16_bwd(spec, res, ct):
+    a, b = res
+    (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
+    ct = ct.astype(a.dtype)  # 16-bit cotangent: the transposed dots read 16-bit operands too
+    da = jnp.einsum(f"{so},{sb}->{sa}", ct, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    db = jnp.einsum(f"{so},{sa}->{sb}", ct, a, preferred_element_type=jnp.float32).astype(b.dtype)
+    return da, db
+
+
+_einsum16.defvjp(_einsum16_fwd, _einsum16_bwd)
+
+
+def _einsum32(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """``jnp.einsum(spec, a, b)`` accumulated and returned in float32 (``b`` cast to ``a``'s dtype).
+
+    float32 operands: plain ``jnp.einsum``. 16-bit operands: the same forward, with a VJP
+    whose transposed products take the cotangent in the operands' 16-bit dtype (rather
+    than float32, which makes XLA convert the other operand, e.g. a whole weight, to
+    float32) and still accumulate in float32. Each index of ``spec``'s operands must
+    appear in another operand or the output (plain contractions and batch indices).
+    """
+    b = b.astype(a.dtype)
+    if a.dtype == jnp.float32:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _einsum16(spec, a, b)
+
+
 def _dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """``x @ w.T`` for ``w`` in ``[out, in]`` layout, accumulated in float32."""
+    """``x @ w.T`` for ``w`` in ``[out, in]`` layout, accumulated in float32, in ``x``'s dtype."""
+    if x.dtype != jnp.float32:
+        lead = x.shape[:-1]
+        y = _einsum32("mi,oi->mo", x.reshape(-1, x.shape[-1]), w)
+        return y.astype(x.dtype).reshape(*lead, w.shape[0])
     y = jax.lax.dot_general(
         x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
     return y.astype(x.dtype)
+
+
+def _lora_term(x: jnp.ndarray, lora: Lora) -> jnp.ndarray:
+    """``lora.scale * (x @ a) @ b`` in ``x``'s dtype (float32 accumulation for 16-bit ``x``)."""
+    a = lora.a.astype(x.dtype)
+    b = lora.b.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        return lora.scale * ((x @ a) @ b)
+    lead = x.shape[:-1]
+    xa = _einsum32("mi,ir->mr", x.reshape(-1, x.shape[-1]), a).astype(x.dtype)
+    return (lora.scale * _einsum32("mr,ro->mo", xa, b)).astype(x.dtype).reshape(*lead, b.shape[-1])
 
 
 def linear(
@@ -289,9 +364,7 @@ def linear(
     if bias is not None:
         y = y + bias.astype(y.dtype)
     if lora is not None:
-        a = lora.a.astype(x.dtype)
-        b = lora.b.astype(x.dtype)
-        y = y + (lora.scale * ((x @ a) @ b)).astype(y.dtype)
+        y = y + _lora_term(x, lora).astype(y.dtype)
     return y
 
 
@@ -383,6 +456,72 @@ def _check_positions(positions: jnp.ndarray | None, b: int, s: int) -> jnp.ndarr
     return jnp.broadcast_to(positions, (b, s))
 
 
+def _check_choice(value: Any, name: str, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {accepted}")
+    return value
+
+
+def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention of queries ``q [b, q, kvh, g, hd]`` over ``k, v [b, s, kvh, hd]``.
+
+    ``mask`` is boolean ``[b or 1, q, s]``. Scores and softmax in float32; the output
+    ``[b, q, kvh, g, hd]`` in ``q``'s dtype.
+    """
+    scores = _einsum32("bqkgd,bskd->bkgqs", q, k)
+    scores = scores * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return _einsum32("bkgqs,bskd->bqkgd", probs, v).astype(q.dtype)
+
+
+def attention_chunk_rows(b: int, heads: int, s: int) -> int:
+    """Query rows per block of the chunked attention path.
+
+    The most rows (a power of two, at least :data:`ATTENTION_MIN_ROWS`) whose float32
+    scores ``[b, heads, rows, s]`` hold at most :data:`ATTENTION_CHUNK_SCORES` values.
+
+    Args:
+      b: batch size.
+      heads: query heads.
+      s: sequence length (keys).
+
+    Returns:
+      The block size in query rows (``s`` or more means one block: the plain path).
+    """
+    rows = ATTENTION_MIN_ROWS
+    while rows * 2 * b * heads * s <= ATTENTION_CHUNK_SCORES:
+        rows *= 2
+    return rows
+
+
+def _attend_chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, chunk: int) -> jnp.ndarray:
+    """:func:`_attend` one block of ``chunk`` queries at a time, each rematerialised.
+
+    The query blocks run in one ``lax.scan`` (one block's scores alive at a time) whose
+    body is ``jax.checkpoint``-ed (the backward pass recomputes a block's scores instead
+    of keeping them), so attention holds ``[b, heads, chunk, s]`` scores instead of
+    ``[b, heads, s, s]``. Every query row sees the same keys and mask as in
+    :func:`_attend`: the same result up to the summation order of the dots. (The blocks
+    compute the fully masked scores above the diagonal too: static shapes in the loop;
+    splitting the loop by key range saved those FLOPs but cost more memory on CPU.)
+    """
+    b, s = q.shape[:2]
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    qc = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2))
+    qc = jnp.moveaxis(qc.reshape(b, n, chunk, *q.shape[2:]), 1, 0)
+    mc = jnp.pad(jnp.broadcast_to(mask, (mask.shape[0], s, s)), ((0, 0), (0, pad), (0, 0)))
+    mc = jnp.moveaxis(mc.reshape(mask.shape[0], n, chunk, s), 1, 0)
+    step = jax.checkpoint(_attend)
+
+    def body(carry, xs):
+        return carry, step(xs[0], k, v, xs[1])
+
+    _, out = jax.lax.scan(body, None, (qc, mc))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :s]
+
+
 def attention(
     layer_params: Mapping[str, Any],
     x: jnp.ndarray,
@@ -393,6 +532,7 @@ def attention(
     mask: jnp.ndarray,
     lora: Lora | None = None,
     backend: str | None = None,
+    impl: str = "auto",
 ) -> jnp.ndarray:
     """Grouped-query self-attention of one layer on normalised input ``x [b, s, D]``.
 
@@ -401,13 +541,24 @@ def attention(
       x: normalised hidden states ``[b, s, D]``.
       config: the model config.
       cos, sin: RoPE tables ``[b, s, head_dim]``.
-      mask: boolean ``[b or 1, s, s]`` (True where a query may attend to a key).
+      mask: boolean ``[b or 1, s, s]`` (True where a query may attend to a key); causal
+        (:func:`attention_mask_matrix`).
       lora: that layer's :class:`~apiq_jax.lora.Lora` or None.
       backend: qmatmul backend of quantized linears.
+      impl: one of :data:`ATTENTION_IMPLS`. "plain": the ``[b, heads, s, s]`` float32
+        scores at once. "chunked": blocks of :func:`attention_chunk_rows` queries, each
+        rematerialised in the backward pass, so attention memory is
+        ``O(s * rows)`` instead of ``O(s^2)`` (same values up to float32 rounding).
+        "auto": "plain" while all scores fit in one block of
+        :data:`ATTENTION_CHUNK_SCORES` values (the identical computation), "chunked" beyond.
 
     Returns:
       The attention block's output ``[b, s, D]`` (after o_proj).
+
+    Raises:
+      ValueError: an unknown ``impl``.
     """
+    _check_choice(impl, "attention impl", ATTENTION_IMPLS)
     p = layer_params
     b, s, _ = x.shape
     h, kvh, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -419,11 +570,11 @@ def attention(
     k = apply_rope(proj("k_proj").reshape(b, s, kvh, hd), cos, sin)
     v = proj("v_proj").reshape(b, s, kvh, hd)
     q = q.reshape(b, s, kvh, config.num_kv_groups, hd)  # query head i uses kv head i // groups
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+    rows = attention_chunk_rows(b, h, s)
+    if impl == "plain" or (impl == "auto" and rows >= s):
+        out = _attend(q, k, v, mask)
+    else:
+        out = _attend_chunked(q, k, v, mask, rows)
     out = out.reshape(b, s, h * hd)
     return linear(out, p["o_proj"], _lora_for(lora, "o_proj"), bias=p.get("o_proj_bias"), backend=backend)
 
@@ -506,30 +657,205 @@ def block_forward(
     return _block(layer_params, x, config, lora, cos, sin, mask, backend)
 
 
-def _block(p, x, config, lora, cos, sin, mask, backend):
+def _block(p, x, config, lora, cos, sin, mask, backend, impl="auto"):
     h = rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
-    x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, backend=backend)
+    x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, backend=backend, impl=impl)
     h = rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
     return x + mlp(p, h, lora=lora, backend=backend)
 
 
 def final_logits(
-    params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig, *, backend: str | None = None
+    params: Mapping[str, Any], x: jnp.ndarray, config: ModelConfig, *, backend: str | None = None,
+    dtype: Any = None,
 ) -> jnp.ndarray:
     """Final RMSNorm and output head (the embedding matrix when tied): ``[b, s, V]``.
 
     Args:
       params: the model params.
-      x: the last block's output ``[b, s, D]``.
+      x: the last block's output ``[b, s, D]`` (any leading shape ``[..., D]``).
       config: the model config.
       backend: qmatmul backend of a quantized head.
+      dtype: dtype of the logits; None: ``x``'s. float32 logits of 16-bit ``x`` come from
+        the float32 accumulator directly (not rounded to 16 bits first).
 
     Returns:
-      Logits ``[b, s, V]`` in ``x``'s dtype.
+      Logits ``[b, s, V]``.
     """
     h = rms_norm(x, params["norm"], config.rms_norm_eps)
     head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    return linear(h, head, backend=backend)
+    if dtype is None or jnp.dtype(dtype) == h.dtype or isinstance(head, QuantizedTensor):
+        logits = linear(h, head, backend=backend)
+        return logits if dtype is None else logits.astype(dtype)
+    lead = h.shape[:-1]
+    return _einsum32("mi,vi->mv", h.reshape(-1, h.shape[-1]), head).astype(dtype).reshape(*lead, head.shape[0])
+
+
+# --- stacked layers (lax.scan over depth) -------------------------------------------------
+def _is_stacked_layers(layers: Any) -> bool:
+    return isinstance(layers, Mapping)
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether ``tree`` (params or a :class:`~apiq_jax.lora.Lora`) holds stacked layers.
+
+    Args:
+      tree: a params dict or a model-level Lora.
+
+    Returns:
+      True when ``tree["layers"]`` is one dict of arrays with a leading layer axis
+      (:func:`stack_layers`), False when it is a list of per-layer dicts.
+    """
+    if isinstance(tree, Lora):
+        return tree.is_stacked
+    return isinstance(tree, Mapping) and _is_stacked_layers(tree.get("layers"))
+
+
+def _describe_leaf(x: Any) -> str:
+    if isinstance(x, QuantizedTensor):
+        return f"a QuantizedTensor {tuple(x.shape)} ({x.config}, {x.dtype}, layout {x.layout})"
+    return f"an array {tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}"
+
+
+def stack_layers(params: Any) -> Any:
+    """Params (or a :class:`~apiq_jax.lora.Lora`) with the ``"layers"`` list stacked into one dict.
+
+    Every per-layer leaf becomes one array with a leading layer axis ``[L, ...]``; a
+    :class:`~apiq_jax.quant.QuantizedTensor` stays a QuantizedTensor whose children are
+    stacked (its static shape/config/dtype/layout are the per-layer ones, which must then
+    agree across layers). :func:`forward` (and the other entry points) run stacked
+    params as one ``lax.scan`` over depth: compile time and program size do not grow with
+    the number of layers. Stacking copies the layer weights once (do it outside ``jit``);
+    already stacked input is returned as is. :func:`unstack_layers` is the inverse.
+
+    Args:
+      params: the model params (``"layers"``: a list of per-layer dicts), or a model-level
+        :class:`~apiq_jax.lora.Lora` (stacked by :meth:`~apiq_jax.lora.Lora.stack_layers`).
+
+    Returns:
+      The same tree with ``"layers"`` one dict of stacked leaves.
+
+    Raises:
+      ValueError: no ``"layers"``, or layers whose structure, leaf shapes or dtypes, or
+        QuantizedTensor metadata differ (naming the first difference).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"layers": [{"w": jnp.zeros((3, 2))}, {"w": jnp.ones((3, 2))}], "norm": jnp.ones(2)}
+      >>> stacked = stack_layers(params)
+      >>> stacked["layers"]["w"].shape, is_stacked(stacked)
+      ((2, 3, 2), True)
+      >>> bool(jnp.array_equal(unstack_layers(stacked)["layers"][1]["w"], params["layers"][1]["w"]))
+      True
+    """
+    if isinstance(params, Lora):
+        return params.stack_layers()
+    if not isinstance(params, Mapping) or "layers" not in params:
+        raise ValueError("stack_layers needs a params dict with a 'layers' entry")
+    layers = params["layers"]
+    if _is_stacked_layers(layers):
+        return params
+    layers = list(layers)
+    if not layers:
+        raise ValueError("stack_layers: params have no layers")
+    ref = flatten_params(layers[0])
+    for i, layer in enumerate(layers[1:], start=1):
+        flat = flatten_params(layer)
+        if set(flat) != set(ref):
+            raise ValueError(
+                f"stack_layers: layers 0 and {i} differ in parameters {sorted(set(flat) ^ set(ref))}; "
+                "layers must be alike to be stacked"
+            )
+        for k, v in ref.items():
+            if _describe_leaf(flat[k]) != _describe_leaf(v) or jax.tree.structure(flat[k]) != jax.tree.structure(v):
+                raise ValueError(
+                    f"stack_layers: layers.{i}.{k} is {_describe_leaf(flat[k])} where layers.0.{k} is "
+                    f"{_describe_leaf(v)}; layers must be alike to be stacked"
+                )
+    out = dict(params)
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: Any) -> Any:
+    """Inverse of :func:`stack_layers`: the ``"layers"`` dict of stacked leaves back to a list.
+
+    Args:
+      params: params or a :class:`~apiq_jax.lora.Lora` with stacked layers (list-form input is
+        returned as is).
+
+    Returns:
+      The same tree with ``"layers"`` a list of per-layer dicts.
+    """
+    if isinstance(params, Lora):
+        return params.unstack_layers()
+    layers = params.get("layers") if isinstance(params, Mapping) else None
+    if not _is_stacked_layers(layers):
+        return params
+    n = _num_stacked(layers)
+    out = dict(params)
+    out["layers"] = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
+    return out
+
+
+def _num_stacked(layers: Mapping[str, Any]) -> int:
+    leaves = jax.tree.leaves(layers)
+    if not leaves:
+        raise ValueError("stacked layers hold no arrays")
+    return int(leaves[0].shape[0])
+
+
+def cast_params(params: Any, dtype: Any) -> Any:
+    """Every floating leaf of ``params`` in ``dtype``; QuantizedTensors dequantize to ``dtype``.
+
+    The compute dtype of the model is the dtype of its embeddings (:func:`embed`), so
+    ``forward(cast_params(params, "bfloat16"), ...)`` runs in bfloat16. Packed codes,
+    scales and zero points are not touched: a QuantizedTensor only changes the dtype its
+    dequantized weight is produced in. Leaves already in ``dtype`` are shared, not copied.
+
+    Args:
+      params: a params tree (list or stacked layers).
+      dtype: the floating dtype ("float32", "bfloat16", "float16", or a jnp dtype).
+
+    Returns:
+      The cast tree.
+
+    Raises:
+      ValueError: ``dtype`` is not a floating dtype.
+    """
+    dt = jnp.dtype(dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype={dtype!r} is not a floating dtype; accepted: float32, bfloat16, float16")
+
+    def cast(leaf: Any) -> Any:
+        if isinstance(leaf, QuantizedTensor):
+            return leaf if leaf.dtype == dt.name else dataclasses.replace(leaf, dtype=dt.name)
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dt:
+            return leaf.astype(dt)
+        return leaf
+
+    return jax.tree.map(cast, params, is_leaf=is_quantized)
+
+
+def _remat(fn: Any, remat: str, **kwargs: Any) -> Any:
+    """``fn`` under ``jax.checkpoint`` for "block"/"dots"/"sqrt" (the per-block part), as is for "none"."""
+    if remat == "none":
+        return fn
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+    return jax.checkpoint(fn, policy=policy, **kwargs)
+
+
+def sqrt_group_size(n_layers: int) -> int:
+    """Blocks per group of the "sqrt" remat policy: the divisor ``g`` of ``n_layers`` that
+    minimises the block inputs kept at once, ``n_layers / g + g`` (the smaller on ties).
+
+    Args:
+      n_layers: the number of decoder layers.
+
+    Returns:
+      ``g`` (1 means plain per-block remat).
+    """
+    divisors = [g for g in range(1, n_layers + 1) if n_layers % g == 0]
+    return min(divisors, key=lambda g: (n_layers // g + g, g))
 
 
 def _layer_lora(lora: Lora | None, i: int) -> Lora | None:
@@ -540,20 +866,172 @@ def _layer_lora(lora: Lora | None, i: int) -> Lora | None:
     return lora["layers"][i]
 
 
-def _run_blocks(params, lora, x, config, positions, attention_mask, collect, backend):
+def _run_blocks(params, lora, x, config, positions, attention_mask, collect, backend, remat="none", impl="auto"):
+    _check_choice(remat, "remat", REMAT_POLICIES)
+    _check_choice(impl, "attention impl", ATTENTION_IMPLS)
+    if lora is not None and not isinstance(lora, Lora):
+        raise ValueError(f"lora must be an apiq_jax.lora.Lora or None, got {type(lora).__name__}")
     b, s, _ = x.shape
     pos = _check_positions(positions, b, s)
     cos, sin = rope_cos_sin(pos, config, x.dtype)
-    masks: dict[int | None, jnp.ndarray] = {}
-    outs = []
-    for i, layer in enumerate(params["layers"]):
-        window = config.attention_window(i)
-        if window not in masks:
-            masks[window] = attention_mask_matrix(s, attention_mask, window)
-        x = _block(layer, x, config, _layer_lora(lora, i), cos, sin, masks[window], backend)
-        if collect:
+    if _is_stacked_layers(params["layers"]):
+        return _scan_blocks(params, lora, x, config, cos, sin, attention_mask, collect, backend, remat, impl)
+    if lora is not None and lora.is_stacked:
+        lora = lora.unstack_layers()
+    layers = list(params["layers"])
+    masks = {w: attention_mask_matrix(s, attention_mask, w)
+             for w in {config.attention_window(i) for i in range(len(layers))}}
+    block = _remat(_block, remat, static_argnums=(2, 7, 8))
+
+    def run(x, first, last):  # blocks [first, last)
+        outs = []
+        for i in range(first, last):
+            mask = masks[config.attention_window(i)]
+            x = block(layers[i], x, config, _layer_lora(lora, i), cos, sin, mask, backend, impl)
             outs.append(x)
-    return x, outs
+        return x, outs
+
+    if remat != "sqrt" or collect:
+        x, outs = run(x, 0, len(layers))
+        return x, (outs if collect else [])
+    g = sqrt_group_size(len(layers))
+    for first in range(0, len(layers), g):  # each group of g blocks keeps only its input
+        x = jax.checkpoint(lambda x, first=first: run(x, first, first + g)[0])(x)
+    return x, []
+
+
+def _scan_blocks(params, lora, x, config, cos, sin, attention_mask, collect, backend, remat, impl):
+    """The decoder stack as ``lax.scan`` over stacked layers (see :func:`stack_layers`).
+
+    "sqrt" scans over groups of :func:`sqrt_group_size` blocks (an outer checkpointed scan
+    of inner per-block-checkpointed scans).
+    """
+    s = x.shape[1]
+    layers = params["layers"]
+    n = _num_stacked(layers)
+    if n != config.num_hidden_layers:
+        raise ValueError(f"stacked params hold {n} layers; the config has {config.num_hidden_layers}")
+    if lora is not None and not lora.is_stacked:
+        lora = lora.stack_layers()
+    factors = None if lora is None else lora.factors["layers"]
+    windows = {config.attention_window(i) for i in range(n)}
+    if len(windows) == 1:  # one attention kind: the mask is a constant of the loop
+        static_mask = attention_mask_matrix(s, attention_mask, windows.pop())
+        per_layer = None
+    else:  # mixed full / sliding layers: the window is scanned (full attention = window s)
+        static_mask = None
+        per_layer = jnp.asarray([config.attention_window(i) or s for i in range(n)], jnp.int32)
+    consts = (cos, sin, static_mask, attention_mask)
+    sixteen = x.dtype != jnp.float32
+
+    def layer(h, p, f, window, consts):
+        cos, sin, static_mask, attention_mask = consts
+        mask = static_mask if window is None else attention_mask_matrix(s, attention_mask, window)
+        lo = None if f is None else Lora(f, lora.config)
+        return _block(p, h, config, lo, cos, sin, mask, backend, impl)
+
+    if collect or remat == "none":
+        def body(h, xs):
+            h = layer(h, *xs, consts)
+            return h, (h if collect else None)
+
+        x, ys = jax.lax.scan(body, x, (layers, factors, per_layer))
+        return x, ([ys[i] for i in range(n)] if collect else [])
+    if remat == "dots":
+        step = _remat(layer, remat, prevent_cse=False)
+    else:  # "block" and the blocks inside a "sqrt" group: keep only each block's input
+        step = _remat_16bit(layer) if sixteen else jax.checkpoint(layer, prevent_cse=False)
+
+    def scan_layers(h, p, f, window, consts):
+        return jax.lax.scan(lambda h, xs: (step(h, *xs, consts), None), h, (p, f, window))[0]
+
+    g = sqrt_group_size(n) if remat == "sqrt" else 1
+    if g == 1:
+        return scan_layers(x, layers, factors, per_layer, consts), []
+    group = _remat_16bit(scan_layers) if sixteen else jax.checkpoint(scan_layers, prevent_cse=False)
+    grouped = jax.tree.map(lambda a: a.reshape(n // g, g, *a.shape[1:]), (layers, factors, per_layer))
+    x, _ = jax.lax.scan(lambda h, xs: (group(h, *xs, consts), None), x, grouped)
+    return x, []
+
+
+def _remat_16bit(fn: Any) -> Any:
+    """``fn(h, p, f, window, consts)`` rematerialised like ``jax.checkpoint``, keeping ``h`` as words.
+
+    The backward pass recomputes ``fn`` from its input ``h`` (16-bit), the only thing kept
+    per call; it is kept bit-cast to uint16 because XLA's CPU backend converts a stacked
+    16-bit residual to float32 as a whole before the backward loop (doubling it). Only
+    ``h`` and the LoRA factors ``f`` get gradients (``p`` is frozen; ``window`` and the
+    RoPE tables and masks in ``consts`` are constants).
+    """
+
+    @jax.custom_vjp
+    def run(h, p, f, window, consts):
+        return fn(h, p, f, window, consts)
+
+    def fwd(h, p, f, window, consts):
+        return fn(h, p, f, window, consts), (_as_words(h), p, f, window, consts)
+
+    def bwd(res, ct):
+        words, p, f, window, consts = res
+        h = _from_words(words, ct.dtype)
+        _, vjp = jax.vjp(lambda h, f: fn(h, p, f, window, consts), h, f)
+        dh, df = vjp(ct)
+        return dh, None, df, None, None
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _as_words(x: jnp.ndarray) -> jnp.ndarray:
+    """A 16-bit float array as uint16 words (other dtypes as they are)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_words(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def hidden_states(
+    params: Mapping[str, Any],
+    lora: Lora | None,
+    x: jnp.ndarray,
+    config: ModelConfig,
+    *,
+    attention_mask: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+    backend: str | None = None,
+    remat: str = "none",
+    attention_impl: str = "auto",
+) -> jnp.ndarray:
+    """The last decoder block's output ``[b, s, D]`` (before the final norm) from embeddings ``x``.
+
+    Params with a ``"layers"`` list run the blocks unrolled (as before); stacked params
+    (:func:`stack_layers`) run them as one ``lax.scan`` (a model-level ``lora`` is
+    stacked or unstacked to match). ``remat`` wraps every block in ``jax.checkpoint``.
+
+    Args:
+      params: the model params (dense or frozen; list or stacked layers).
+      lora: the model's :class:`~apiq_jax.lora.Lora` or None.
+      x: input embeddings ``[b, s, D]`` (their dtype is the compute dtype).
+      config: the model config.
+      attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
+      positions: int positions; default ``arange(s)``.
+      backend: qmatmul backend of quantized linears.
+      remat: one of :data:`REMAT_POLICIES`: what each block keeps for the backward pass
+        ("none": everything, "block": its input only, "dots": also the outputs of the
+        linears). Only differentiation is affected; the values are the same.
+      attention_impl: one of :data:`ATTENTION_IMPLS` (see :func:`attention`).
+
+    Returns:
+      ``[b, s, D]`` in ``x``'s dtype.
+
+    Raises:
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None, an unknown
+        ``remat`` or ``attention_impl``, or stacked params whose layer count differs from
+        the config's.
+    """
+    x, _ = _run_blocks(params, lora, x, config, positions, attention_mask, False, backend, remat, attention_impl)
+    return x
 
 
 def forward(
@@ -565,27 +1043,33 @@ def forward(
     attention_mask: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
     backend: str | None = None,
+    remat: str = "none",
+    attention_impl: str = "auto",
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` of int ids ``[b, s]``.
 
     Args:
-      params: the model params (dense or frozen).
+      params: the model params (dense or frozen; a ``"layers"`` list, or stacked layers
+        run as one ``lax.scan``: :func:`stack_layers`).
       lora: the model's :class:`~apiq_jax.lora.Lora` or None.
       ids: int token ids ``[b, s]``.
       config: the model config.
       attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
       positions: int positions; default ``arange(s)`` (as transformers without ``position_ids``).
       backend: qmatmul backend of quantized linears.
+      remat: per-block rematerialisation, one of :data:`REMAT_POLICIES` (see :func:`hidden_states`).
+      attention_impl: one of :data:`ATTENTION_IMPLS` (see :func:`attention`).
 
     Returns:
       Logits ``[b, s, vocab]`` in the params' dtype.
 
     Raises:
-      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None.
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None, or an
+        unknown ``remat`` / ``attention_impl``.
     """
     x = embed(params, ids, config)
     return forward_embeddings(params, lora, x, config, attention_mask=attention_mask, positions=positions,
-                              backend=backend)
+                              backend=backend, remat=remat, attention_impl=attention_impl)
 
 
 def forward_embeddings(
@@ -597,6 +1081,8 @@ def forward_embeddings(
     attention_mask: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
     backend: str | None = None,
+    remat: str = "none",
+    attention_impl: str = "auto",
 ) -> jnp.ndarray:
     """Logits ``[b, s, V]`` from input embeddings ``x [b, s, D]`` instead of ids.
 
@@ -604,21 +1090,25 @@ def forward_embeddings(
     learned vectors); otherwise identical to :func:`forward` (same arguments).
 
     Args:
-      params: the model params (dense or frozen).
+      params: the model params (dense or frozen; list or stacked layers).
       lora: the model's :class:`~apiq_jax.lora.Lora` or None.
       x: input embeddings ``[b, s, D]``.
       config: the model config.
       attention_mask: ``[b, s]``, 1 for real tokens and 0 for padding.
       positions: int positions; default ``arange(s)``.
       backend: qmatmul backend of quantized linears.
+      remat: per-block rematerialisation (see :func:`hidden_states`).
+      attention_impl: see :func:`attention`.
 
     Returns:
       Logits ``[b, s, V]`` in ``x``'s dtype.
 
     Raises:
-      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None.
+      ValueError: ``lora`` is neither a :class:`~apiq_jax.lora.Lora` nor None, or an
+        unknown ``remat`` / ``attention_impl``.
     """
-    x, _ = _run_blocks(params, lora, x, config, positions, attention_mask, False, backend)
+    x = hidden_states(params, lora, x, config, attention_mask=attention_mask, positions=positions,
+                      backend=backend, remat=remat, attention_impl=attention_impl)
     return final_logits(params, x, config, backend=backend)
 
 
@@ -635,7 +1125,7 @@ def block_outputs(
     """Output hidden states ``[b, s, D]`` of every decoder block, in order (before the final norm).
 
     Args:
-      params: the model params (dense or frozen).
+      params: the model params (dense or frozen; list or stacked layers).
       ids: int token ids ``[b, s]``.
       config: the model config.
       lora: the model's :class:`~apiq_jax.lora.Lora` or None.
@@ -761,8 +1251,9 @@ def validate_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
 
 
 __all__: Sequence[str] = [
-    "LINEARS", "LlamaForCausalLM", "QuantizedWeight", "apply_rope", "attention", "block_forward",
-    "block_outputs", "check_params", "embed", "final_logits", "flatten_params",
-    "forward", "init_params", "layer_param_shapes", "linear", "linear_shapes", "mlp",
-    "param_shapes", "rms_norm", "rope_cos_sin", "unflatten_params", "validate_ids",
+    "ATTENTION_CHUNK_SCORES", "ATTENTION_IMPLS", "ATTENTION_MIN_ROWS", "LINEARS", "LlamaForCausalLM", "QuantizedWeight", "REMAT_POLICIES",
+    "apply_rope", "attention", "attention_chunk_rows", "block_forward", "block_outputs", "cast_params", "check_params", "embed",
+    "final_logits", "flatten_params", "forward", "forward_embeddings", "hidden_states", "init_params",
+    "is_stacked", "layer_param_shapes", "linear", "linear_shapes", "mlp", "param_shapes", "rms_norm",
+    "rope_cos_sin", "sqrt_group_size", "stack_layers", "unflatten_params", "unstack_layers", "validate_ids",
 ]

@@ -9,7 +9,6 @@ norms, embeddings and head untouched. :func:`apply` is the jitted forward
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,38 +113,6 @@ def dequantize_params(frozen: Mapping[str, Any]) -> Params:
       The params with dense leaves only (the other leaves shared, not copied).
     """
     return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, dict(frozen), is_leaf=is_quantized)
-
-
-def cast_params(params: Mapping[str, Any], dtype: Any) -> Params:
-    """The params computing in ``dtype``: dense floating leaves cast, QuantizedTensors dequantizing to it.
-
-    The codes and quantization constants are untouched (a QuantizedTensor's dtype is only
-    what it dequantizes to).
-
-    Args:
-      params: params whose leaves may be QuantizedTensors.
-      dtype: "float32", "bfloat16" or "float16" (or the dtype).
-
-    Returns:
-      The params (integer leaves kept as they are).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from apiq_jax.quant import QuantConfig, quantize
-      >>> p = cast_params({"norm": jnp.ones(4), "w": quantize(jnp.ones((2, 64)), QuantConfig(2, 64))}, "bfloat16")
-      >>> p["norm"].dtype, p["w"].dtype
-      (dtype(bfloat16), 'bfloat16')
-    """
-    name = jnp.dtype(dtype).name
-
-    def cast(leaf: Any) -> Any:
-        if is_quantized(leaf):
-            return dataclasses.replace(leaf, dtype=name)
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.asarray(leaf).astype(name)
-        return leaf
-
-    return jax.tree.map(cast, dict(params), is_leaf=is_quantized)
 
 
 def quantize_model(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -109,3 +110,67 @@ def test_save_loss_plot(tmp_path):
     assert path == tmp_path / "sub" / "loss.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_finetune_16bit_remat_and_accumulation_end_to_end(qlora_quantized, data, tmp_path, capsys):
+    out = tmp_path / "ft16"
+    code, stdout, err = run_cli(capsys, "finetune", "--model", str(qlora_quantized), "--data", str(data["calib"]),
+                                "--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
+                                "--dtype", "bfloat16", "--remat", "block", "--grad-accum", "2", "--quiet")
+    assert code == 0, err
+    res = last_json(stdout)
+    assert (res["dtype"], res["remat"], res["grad_accum"]) == ("bfloat16", "block", 2)
+    assert np.isfinite(res["first_loss"]) and np.isfinite(res["final_loss"])
+    frozen0, _, config, _ = load_quantized(qlora_quantized)
+    frozen1, lora1, _, _ = load_quantized(out)
+    assert frozen1["embed_tokens"].dtype == frozen0["embed_tokens"].dtype  # the saved model keeps its dtype
+    assert all(np.asarray(x).dtype == np.float32 for x in jax.tree.leaves(lora1))  # float32 master weights
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--dtype", "float64", "dtype='float64' is not supported; accepted: ('float32', 'bfloat16', 'float16')"),
+    ("--remat", "full", "remat='full' is not supported; accepted: ('none', 'block', 'dots', 'sqrt')"),
+    ("--grad-accum", "2", "grad_accum=2 must divide batch_size=3"),
+    ("--grad-accum", "0", "grad_accum=0 must be a positive int"),
+])
+def test_finetune_bad_memory_flags(qlora_quantized, data, tmp_path, capsys, flag, value, message):
+    code, _, err = run_cli(capsys, "finetune", "--model", str(qlora_quantized), "--data", str(data["calib"]),
+                           "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "3", flag, value, "--quiet")
+    assert code == 2
+    assert err.startswith(f"apiq-jax finetune: error: {message}") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_data_is_tokenized_once_into_a_cache_beside_the_output(qlora_quantized, data, tmp_path, capsys,
+                                                                     monkeypatch):
+    from apiq_jax import data as D
+
+    out = tmp_path / "fttext"
+    argv = ["finetune", "--model", str(qlora_quantized), "--data", str(data["text"]), "--out", str(out),
+            "--seqlen", "16", "--steps", "2", "--batch-size", "2", "--quiet"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    cached = list((out / ft_cmd.DATA_CACHE_SUBDIR).glob("text.*.npy"))
+    assert len(cached) == 1
+    expected = D.windows(data["text"], seqlen=16, tokenizer=qlora_quantized)
+    ids = np.load(cached[0], mmap_mode="r")
+    np.testing.assert_array_equal(ids[: expected.size].reshape(expected.shape), expected)
+    assert last_json(stdout)["train_windows"] == expected.shape[0]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached ids should have been re-used")
+
+    monkeypatch.setattr(D, "tokenize", no_tokenizing)
+    code, stdout, err = run_cli(capsys, *argv)  # the re-run (it resumes) reads the cached ids
+    assert code == 0, err
+    assert last_json(stdout)["train_windows"] == expected.shape[0]
+
+
+def test_help_states_the_compute_dtype_and_the_default_reason():
+    p = argparse.ArgumentParser()
+    ft_cmd.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert "compute dtype" in text and "{float32,bfloat16,float16}" in text
+    assert "{none,block,dots,sqrt}" in text and "fastest step on small models is kept" in text
+    args = p.parse_args(["--model", "m", "--data", "d.npy", "--out", "o"])
+    assert (args.dtype, args.remat, args.grad_accum) == ("float32", "none", 1)

@@ -180,3 +180,151 @@ def test_module_rejects_bad_ids_and_params():
     params["layers"][0]["q_proj"] = jnp.zeros((3, 3))
     with pytest.raises(ValueError, match="layers.0.q_proj: expected"):
         LlamaForCausalLM(cfg, params)
+
+
+# --- stacked layers (lax.scan), chunked attention, remat ----------------------------------------
+from apiq_jax.lora import LoraConfig  # noqa: E402
+from apiq_jax.models import llama as L  # noqa: E402
+from apiq_jax.models import quantize_model  # noqa: E402
+from apiq_jax.quant import QuantConfig  # noqa: E402
+
+
+def _rel(a, b) -> float:
+    """max |a - b| / max |b| over a pytree (float64)."""
+    la = [np.asarray(x, np.float64) for x in jax.tree.leaves(a)]
+    lb = [np.asarray(x, np.float64) for x in jax.tree.leaves(b)]
+    return max(np.abs(x - y).max() for x, y in zip(la, lb)) / max(np.abs(y).max() for y in lb)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunked attention in blocks of 4 query rows on the tiny shapes."""
+    monkeypatch.setattr(L, "ATTENTION_MIN_ROWS", 4)
+    monkeypatch.setattr(L, "ATTENTION_CHUNK_SCORES", 1)
+
+
+def test_stacked_and_chunked_forward_match_torch(tiny, small_chunks):
+    """The scan over stacked layers with chunked attention keeps transformers parity."""
+    kind, hf, model = tiny
+    cfg, params = model.config, model.params
+    ids = random_ids(cfg.vocab_size, (2, 24), seed=1)
+    stacked = L.stack_layers(params)
+    assert L.is_stacked(stacked) and not L.is_stacked(params)
+    assert L.attention_chunk_rows(2, cfg.num_attention_heads, 24) == 4  # 6 blocks of 4 queries
+    ours = np.asarray(jax.jit(lambda p, i: forward(p, None, i, cfg, attention_impl="chunked"))(stacked, jnp.asarray(ids)))
+    ref = torch_logits(hf, ids)
+    assert np.abs(ours - ref).max() <= TOL, kind
+    # and the plain path, unrolled, gives the same logits within float32 rounding
+    plain = np.asarray(forward(params, None, jnp.asarray(ids), cfg, attention_impl="plain"))
+    assert _rel(ours, plain) <= 1e-5
+
+
+def _quantized(kind_cfg: ModelConfig, seed: int = 0):
+    params = L.init_params(kind_cfg, jax.random.key(seed), std=0.1)
+    frozen, lora = quantize_model(params, QuantConfig(bits=2, group_size=32), LoraConfig(rank=4, alpha=8),
+                                  key=jax.random.key(seed + 1))
+    keys = iter(jax.random.split(jax.random.key(seed + 2), 64))
+    lora = lora.replace({"layers": [{n: {"a": ab["a"], "b": 0.1 * jax.random.normal(next(keys), ab["b"].shape)}
+                                     for n, ab in layer.items()} for layer in lora["layers"]]})
+    return frozen, lora
+
+
+MIXED = ModelConfig("MistralForCausalLM", 64, 64, 96, 4, 4, 2, 16, sliding_window=5,
+                    layer_types=("sliding_attention", "full_attention", "full_attention", "sliding_attention"))
+
+
+@pytest.mark.parametrize("remat", ["none", "block", "dots", "sqrt"])
+def test_scan_and_remat_equal_the_unrolled_model(remat, small_chunks):
+    """Stacked layers (a scan with the window scanned for mixed layer kinds), each remat policy,
+    chunked attention and padding: logits and LoRA gradients equal the unrolled plain model."""
+    frozen, lora = _quantized(MIXED)
+    ids = jnp.asarray(random_ids(64, (2, 20), seed=4))
+    mask = jnp.ones((2, 20), jnp.int32).at[1, 15:].set(0)  # right padding: every query sees a real key
+
+    def loss(params, lo, **kw):
+        logits = forward(jax.lax.stop_gradient(params), lo, ids, MIXED, attention_mask=mask, backend="xla", **kw)
+        return jnp.sum(jnp.where(mask[..., None] > 0, jax.nn.log_softmax(logits), 0.0) ** 2), logits
+
+    (_, ref_logits), ref_g = jax.jit(jax.value_and_grad(lambda lo: loss(frozen, lo, attention_impl="plain"),
+                                                        has_aux=True))(lora)
+    sf, sl = L.stack_layers(frozen), lora.stack_layers()
+    (_, logits), g = jax.jit(jax.value_and_grad(
+        lambda lo: loss(sf, lo, remat=remat, attention_impl="chunked"), has_aux=True))(sl)
+    valid = np.asarray(mask, bool)
+    assert _rel(np.asarray(logits)[valid], np.asarray(ref_logits)[valid]) <= 1e-6
+    assert _rel(g.unstack_layers(), ref_g) <= 1e-5  # measured ~1e-7; the attention-score path amplifies rounding
+    # the same policy on the unrolled layers
+    (_, logits_u), g_u = jax.jit(jax.value_and_grad(lambda lo: loss(frozen, lo, remat=remat), has_aux=True))(lora)
+    assert _rel(g_u, ref_g) <= 1e-5
+
+
+def test_bfloat16_scan_with_block_remat_matches_the_unrolled_model():
+    """16-bit "block" remat (its own VJP: the block input kept as raw 16-bit words) gives the
+    gradients of the unrolled bfloat16 model."""
+    frozen, lora = _quantized(MIXED)
+    frozen16 = L.cast_params(frozen, "bfloat16")
+    ids = jnp.asarray(random_ids(64, (2, 16), seed=5))
+
+    def loss(params, lo, **kw):
+        logits = forward(jax.lax.stop_gradient(params), lo, ids, MIXED, backend="xla", **kw)
+        return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1))
+
+    ref_l, ref_g = jax.jit(jax.value_and_grad(lambda lo: loss(frozen16, lo)))(lora)
+    for remat in ("block", "sqrt"):
+        l16, g16 = jax.jit(jax.value_and_grad(lambda lo: loss(L.stack_layers(frozen16), lo, remat=remat)))(
+            lora.stack_layers())
+        # the same forward, up to where XLA keeps 16-bit intermediates in float32 (excess precision)
+        assert abs(float(l16) - float(ref_l)) <= 2e-3 * abs(float(ref_l))  # measured 1.3e-4
+        assert jax.tree.leaves(g16)[0].dtype == jnp.float32  # gradients of the float32 master weights
+        assert _rel(g16.unstack_layers(), ref_g) <= 2e-2  # bfloat16: recomputation may round differently
+    f32_l = jax.jit(lambda lo: loss(frozen, lo))(lora)
+    assert abs(float(ref_l) - float(f32_l)) <= 2e-2 * abs(float(f32_l))  # and bfloat16 is near float32
+
+
+def test_stack_layers_round_trip_and_errors():
+    frozen, lora = _quantized(MIXED)
+    stacked = L.stack_layers(frozen)
+    q = stacked["layers"]["q_proj"]
+    assert isinstance(q, type(frozen["layers"][0]["q_proj"])) and q.codes.shape[0] == 4
+    assert q.shape == frozen["layers"][0]["q_proj"].shape  # static metadata: the per-layer shape
+    assert stacked["embed_tokens"] is frozen["embed_tokens"] and L.stack_layers(stacked) is stacked
+    back = L.unstack_layers(stacked)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(back) == jax.tree.structure(frozen)
+    sl = L.stack_layers(lora)
+    assert sl.is_stacked and sl["layers"]["q_proj"].a.shape == (4, 64, 4)
+    assert [lo["q_proj"].a.shape for lo in sl.layers] == [(64, 4)] * 4
+    # block_outputs of stacked params: the same per-block states
+    ids = jnp.asarray(random_ids(64, (1, 9), seed=6))
+    for a, b in zip(L.block_outputs(stacked, ids, MIXED, lora=sl), L.block_outputs(frozen, ids, MIXED, lora=lora)):
+        assert _rel(a, b) <= 1e-6
+    mixed = dict(frozen, layers=[frozen["layers"][0], {**frozen["layers"][1], "q_proj": jnp.zeros((64, 64))}])
+    with pytest.raises(ValueError, match=r"stack_layers: layers.1.q_proj is an array \(64, 64\) float32 where "
+                                         r"layers.0.q_proj is a QuantizedTensor \(64, 64\)"):
+        L.stack_layers(mixed)
+    with pytest.raises(ValueError, match="stacked params hold 2 layers; the config has 4"):
+        forward(L.stack_layers(dict(frozen, layers=frozen["layers"][:2])), None, ids, MIXED)
+
+
+def test_bad_remat_and_attention_impl_are_one_line_errors():
+    frozen, _ = _quantized(MIXED)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"^remat='full' is not supported; accepted: \('none', 'block', 'dots', 'sqrt'\)$"):
+        forward(frozen, None, ids, MIXED, remat="full")
+    with pytest.raises(ValueError, match=r"^attention impl='flash' is not supported; accepted: \('auto', 'plain', 'chunked'\)$"):
+        forward(frozen, None, ids, MIXED, attention_impl="flash")
+
+
+def test_cast_params_and_helpers():
+    frozen, _ = _quantized(MIXED)
+    half = L.cast_params(frozen, "bfloat16")
+    assert half["embed_tokens"].dtype == jnp.bfloat16 and half["layers"][0]["q_proj"].dtype == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(half["layers"][0]["q_proj"].codes), np.asarray(frozen["layers"][0]["q_proj"].codes))
+    assert L.cast_params(frozen, "float32")["embed_tokens"] is frozen["embed_tokens"]
+    with pytest.raises(ValueError, match="dtype='int8' is not a floating dtype"):
+        L.cast_params(frozen, "int8")
+    assert [L.sqrt_group_size(n) for n in (1, 2, 5, 8, 16, 32)] == [1, 1, 1, 2, 4, 4]
+    # rows per chunk: the largest power of two whose scores fit the budget (at least the minimum)
+    assert L.attention_chunk_rows(4, 16, 1024) * 4 * 16 * 1024 <= L.ATTENTION_CHUNK_SCORES
+    assert L.attention_chunk_rows(1, 1, 16) >= 16  # small problems: one block, the plain path

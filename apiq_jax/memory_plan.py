@@ -1,0 +1,316 @@
+"""Expected peak memory of ``quantize`` and ``finetune`` from the shapes alone (``apiq-jax plan``).
+
+Nothing is allocated: array sizes come from ``jax.eval_shape`` of the library's own
+functions (the packed form of every linear, the clipping logits) and the temporary memory
+of the compiled programs from XLA itself (``jit(...).lower(abstract shapes).compile()
+.memory_analysis()``, on this machine's backend), so the plan follows the code.
+
+``quantize`` (ApiQ and the baselines walk the blocks in order, one block read at a time):
+its peak is the larger of *calibrating the last block* (runtime, the block in its storage
+dtype and in float32, the block program's temporaries, the activation caches, the packed
+model with its LoRA and clipping logits so far) and *saving* (runtime, the packed model,
+LoRA, embeddings and head). ``finetune``: the compiled step's temp + argument + output bytes.
+
+Example:
+  >>> from apiq_jax.memory_plan import QuantizePlanInputs, packed_layer_bytes
+  >>> from apiq_jax.models import ModelConfig
+  >>> from apiq_jax.quant import QuantConfig
+  >>> cfg = ModelConfig("LlamaForCausalLM", 32000, 4096, 11008, 32, 32, 32, 128)
+  >>> round(packed_layer_bytes(cfg, QuantConfig(bits=2, group_size=64)) / 2**20, 1)   # MiB per layer
+  60.3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apiq_jax.lora import LINEARS, Lora, LoraConfig
+from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.llama import layer_param_shapes, linear_shapes, param_shapes, stack_layers, unflatten_params
+from apiq_jax.quant import QuantConfig, init_clip, quantize
+
+__all__ = ["MemoryPlan", "QuantizePlanInputs", "abstract_quantized_model", "clip_layer_bytes", "finetune_step_memory",
+           "lora_layer_bytes", "packed_layer_bytes", "plan_finetune", "plan_quantize", "runtime_bytes"]
+
+GiB = 2**30
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def packed_layer_bytes(config: ModelConfig, quant_config: QuantConfig) -> int:
+    """Bytes of one layer's seven linears in their packed form (codes, scales, zero points).
+
+    Args:
+      config: the model config.
+      quant_config: the quantizer.
+
+    Returns:
+      The bytes of the QuantizedTensor leaves :func:`apiq_jax.quant.quantize` produces.
+    """
+    total = 0
+    for out_f, in_f in linear_shapes(config).values():
+        total += _nbytes(jax.eval_shape(lambda w: quantize(w, quant_config),
+                                        jax.ShapeDtypeStruct((out_f, in_f), jnp.float32)))
+    return total
+
+
+def lora_layer_bytes(config: ModelConfig, lora_config: LoraConfig) -> int:
+    """Bytes of one layer's float32 LoRA factors.
+
+    Args:
+      config: the model config.
+      lora_config: rank and targets.
+
+    Returns:
+      ``4 * rank * (in + out)`` summed over the targeted linears.
+    """
+    shapes = linear_shapes(config)
+    return int(sum(4 * lora_config.rank * sum(shapes[n]) for n in lora_config.targets))
+
+
+def clip_layer_bytes(config: ModelConfig, quant_config: QuantConfig) -> int:
+    """Bytes of one layer's learned clipping logits (ApiQ keeps them for the report and resume).
+
+    Args:
+      config: the model config.
+      quant_config: the quantizer.
+
+    Returns:
+      The bytes of the seven :class:`~apiq_jax.quant.ClipLogits`.
+    """
+    shapes = linear_shapes(config)
+    return sum(_nbytes(jax.eval_shape(lambda s=s: init_clip(s, quant_config))) for s in shapes.values())
+
+
+def runtime_bytes() -> int:
+    """Peak resident memory of this process so far: the runtime (Python, JAX, transformers) a job also pays.
+
+    Returns:
+      Bytes (``ru_maxrss``).
+    """
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizePlanInputs:
+    """The settings of an ``apiq-jax quantize`` run that decide its memory.
+
+    Attributes:
+      method: the calibration method (ApiQ methods train each block; the others do not).
+      quant_config: the quantizer.
+      lora_config: the LoRA.
+      nsamples: calibration windows.
+      seqlen: tokens per window.
+      dtype: storage dtype of the weights ("float32", "bfloat16", "float16").
+      cache_dtype: dtype of the activation caches (None: ``dtype``).
+      batch_size: ApiQ samples per step.
+      aug_loss: ApiQ-bw's second target (a third cache).
+    """
+
+    method: str
+    quant_config: QuantConfig
+    lora_config: LoraConfig
+    nsamples: int
+    seqlen: int
+    dtype: str = "float16"
+    cache_dtype: str | None = None
+    batch_size: int = 1
+    aug_loss: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """An expected peak and what it is made of.
+
+    Attributes:
+      job: "quantize" or "finetune".
+      peak_bytes: the expected peak.
+      parts: ``{component: bytes}`` of the phase that peaks.
+      phase: which phase peaks.
+    """
+
+    job: str
+    peak_bytes: int
+    parts: dict[str, int]
+    phase: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form.
+
+        Returns:
+          ``{"job", "phase", "peak_gib", "parts_gib"}``.
+        """
+        return {"job": self.job, "phase": self.phase, "peak_gib": round(self.peak_bytes / GiB, 3),
+                "parts_gib": {k: round(v / GiB, 3) for k, v in self.parts.items()}}
+
+
+def _block_train_temp(config: ModelConfig, p: QuantizePlanInputs) -> int:
+    """XLA's temporary bytes of training one ApiQ-bw block on these shapes (abstract compile)."""
+    from apiq_jax.calibration.apiq_bw_core import train_block_bw
+    from apiq_jax.calibration.options import ApiQOptions
+
+    sds = jax.ShapeDtypeStruct
+    shapes = linear_shapes(config)
+    layer = {k: sds(v, jnp.float32) for k, v in layer_param_shapes(config).items()}
+    r = p.lora_config.rank
+    lora = Lora({n: {"a": sds((shapes[n][1], r), jnp.float32), "b": sds((r, shapes[n][0]), jnp.float32)}
+                 for n in p.lora_config.targets}, p.lora_config)
+    clip = {n: jax.eval_shape(lambda s=shapes[n]: init_clip(s, p.quant_config)) for n in LINEARS}
+    cache = jnp.dtype(p.cache_dtype or p.dtype)
+    x = sds((p.nsamples, p.seqlen, config.hidden_size), cache)
+    opts = ApiQOptions(epochs=1, batch_size=p.batch_size, aug_loss=p.aug_loss)
+    lowered = train_block_bw.lower(layer, {"clip": clip, "lora": lora}, x, x, x if p.aug_loss else None, None,
+                                   config=config, qcfg=p.quant_config, opts=opts)
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
+def _quantize_temp(config: ModelConfig, qcfg: QuantConfig) -> int:
+    from apiq_jax.models.quantized import _quantize_jit
+
+    out_f, in_f = max(linear_shapes(config).values(), key=lambda s: s[0] * s[1])
+    lowered = _quantize_jit.lower(jax.ShapeDtypeStruct((out_f, in_f), jnp.float32), qcfg)
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
+def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | None = None) -> MemoryPlan:
+    """Expected peak memory of ``apiq-jax quantize`` (host RSS on CPU; device + host on an accelerator).
+
+    Args:
+      config: the model config.
+      p: the run's settings.
+      runtime: bytes of the process before any model data (default: :func:`runtime_bytes`).
+
+    Returns:
+      The :class:`MemoryPlan` of the phase that peaks.
+    """
+    from apiq_jax.calibration.registry import get_method
+
+    trains = get_method(p.method).trains
+    storage = jnp.dtype(p.dtype).itemsize
+    cache = jnp.dtype(p.cache_dtype or p.dtype).itemsize
+    block = sum(int(np.prod(s)) for s in layer_param_shapes(config).values())
+    layers = config.num_hidden_layers
+    per_layer = packed_layer_bytes(config, p.quant_config) + lora_layer_bytes(config, p.lora_config)
+    if trains:
+        per_layer += clip_layer_bytes(config, p.quant_config)
+    stream = p.nsamples * p.seqlen * config.hidden_size * cache
+    n_caches = (3 if p.aug_loss and p.method == "apiq-bw" else 2) if trains else 2
+    embed = config.vocab_size * config.hidden_size * storage
+    head = 0 if config.tie_word_embeddings else embed
+    base = runtime_bytes() if runtime is None else runtime
+    calibrating = {
+        "runtime": base,
+        "block (storage dtype)": block * storage,
+        "block (float32)": block * 4,
+        "block program temporaries": _block_train_temp(config, p) if trains else _quantize_temp(config, p.quant_config),
+        "activation caches": n_caches * stream,
+        "packed layers, LoRA, clip so far": (layers - 1) * per_layer,
+    }
+    saving = {"runtime": base, "packed layers, LoRA, clip": layers * per_layer, "embeddings and head": embed + head}
+    a, b = sum(calibrating.values()), sum(saving.values())
+    if a >= b:
+        return MemoryPlan("quantize", a, calibrating, "calibrating the last block")
+    return MemoryPlan("quantize", b, saving, "saving")
+
+
+# --- finetune -----------------------------------------------------------------------------------
+def abstract_quantized_model(config: ModelConfig, quant_config: QuantConfig, lora_config: LoraConfig,
+                             dtype: str = "float32") -> tuple[Any, Lora]:
+    """``(frozen, lora)`` of a quantized model as shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves).
+
+    Args:
+      config: the model config.
+      quant_config: the quantizer of every targeted linear (all seven are quantized).
+      lora_config: the LoRA (float32 factors).
+      dtype: dtype of the embeddings, norms and dequantized weights.
+
+    Returns:
+      The abstract frozen params (packed linears from ``jax.eval_shape`` of
+      :func:`apiq_jax.quant.quantize`) and :class:`~apiq_jax.lora.Lora`.
+    """
+    flat: dict[str, Any] = {}
+    for name, shape in param_shapes(config).items():
+        sds = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        is_linear = name.split(".")[-1] in LINEARS
+        flat[name] = jax.eval_shape(lambda w: quantize(w, quant_config), sds) if is_linear else sds
+    frozen = unflatten_params(flat)
+    shapes = linear_shapes(config)
+    r = lora_config.rank
+    factors = [{n: {"a": jax.ShapeDtypeStruct((shapes[n][1], r), jnp.float32),
+                    "b": jax.ShapeDtypeStruct((r, shapes[n][0]), jnp.float32)} for n in lora_config.targets}
+               for _ in range(config.num_hidden_layers)]
+    return frozen, Lora({"layers": factors}, lora_config)
+
+
+def finetune_step_memory(config: ModelConfig, frozen: Any, lora: Lora, batch: int, seqlen: int,
+                         finetune_config: Any, *, baseline: bool = False, backend: str = "xla") -> dict[str, int]:
+    """Compiled memory of one finetuning step (forward, backward, AdamW), as ``finetune`` runs it.
+
+    Args:
+      config: the model config.
+      frozen: frozen params (arrays or ``jax.ShapeDtypeStruct``; list of layers).
+      lora: the :class:`~apiq_jax.lora.Lora` (arrays or abstract).
+      batch: token rows per step (``grad_accum`` micro-batches of ``batch / grad_accum``).
+      seqlen: tokens per row.
+      finetune_config: the :class:`~apiq_jax.training.FinetuneConfig` (dtype, remat, grad_accum).
+      baseline: the step before the memory work (unrolled, no remat, float32, whole
+        ``[B, H, S, S]`` attention and ``[B, S, V]`` logits at once).
+      backend: qmatmul backend of the quantized linears.
+
+    Returns:
+      ``{"temp", "argument", "output", "total"}`` bytes from ``compile().memory_analysis()``.
+    """
+    from apiq_jax.models.llama import cast_params
+    from apiq_jax.training import causal_lm_loss, make_optimizer, make_train_step
+
+    fc = finetune_config
+    opt = make_optimizer(fc)
+    if baseline:
+        def loss(f: Any, lo: Any, ids: Any) -> Any:
+            return causal_lm_loss(f, lo, ids, config, backend=backend, attention_impl="plain",
+                                    chunk_tokens=batch * seqlen)
+
+        step = make_train_step(config, opt, loss, finetune_config=fc)
+    else:
+        step = make_train_step(config, opt, backend=backend, finetune_config=fc)
+        frozen = jax.eval_shape(lambda f: cast_params(f, fc.dtype), frozen)
+        if fc.scans:  # what finetune() does: the layers stacked once, outside the step
+            frozen = jax.eval_shape(stack_layers, frozen)
+            lora = jax.eval_shape(lambda lo: lo.stack_layers(), lora)
+    state = jax.eval_shape(opt.init, lora)
+    ids = jax.ShapeDtypeStruct((batch, seqlen), jnp.int32)
+    m = step.lower(frozen, lora, state, ids).compile().memory_analysis()
+    out = {"temp": int(m.temp_size_in_bytes), "argument": int(m.argument_size_in_bytes),
+           "output": int(m.output_size_in_bytes)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def plan_finetune(config: ModelConfig, quant_config: QuantConfig, lora_config: LoraConfig, batch: int, seqlen: int,
+                  finetune_config: Any) -> MemoryPlan:
+    """Expected device memory of ``apiq-jax finetune``: its step compiled on abstract shapes.
+
+    Args:
+      config: the model config.
+      quant_config: the quantizer of the saved model.
+      lora_config: its LoRA.
+      batch: rows per step.
+      seqlen: tokens per row.
+      finetune_config: the :class:`~apiq_jax.training.FinetuneConfig`.
+
+    Returns:
+      The :class:`MemoryPlan` (parts: the step's temp, argument and output bytes).
+    """
+    frozen, lora = abstract_quantized_model(config, quant_config, lora_config, "float32")
+    mem = finetune_step_memory(config, frozen, lora, batch, seqlen, finetune_config)
+    parts = {"step temporaries": mem["temp"], "frozen model, LoRA, optimizer state, batch": mem["argument"],
+             "outputs": mem["output"]}
+    return MemoryPlan("finetune", mem["total"], parts, "one step")
