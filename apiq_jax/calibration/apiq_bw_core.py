@@ -77,7 +77,8 @@ def train_block_bw(
     Args:
       layer: the block's dense float32 params.
       train0: the initial ``{"clip", "lora"}`` state.
-      x_q, t1, t2: ``[n, s, D]`` (``t2`` None without aug_loss).
+      x_q, t1, t2: ``[n, s, D]`` in the cache dtype (``t2`` None without aug_loss); each
+        batch is computed in float32.
       progress: a progress token (reported after every epoch), or None.
       config, qcfg, opts, layer_idx: static; see :func:`bw_block_loss` and
         :class:`~apiq_jax.calibration.options.ApiQOptions`.
@@ -92,7 +93,8 @@ def train_block_bw(
         return None if x is None else x.reshape(nb, bs, *x.shape[1:])
 
     def loss_fn(train, batch):
-        xb, t1b, t2b = batch
+        # one batch of the (possibly 16-bit) caches at a time, in float32 like the block's weights
+        xb, t1b, t2b = (None if v is None else v.astype(jnp.float32) for v in batch)
         return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
 
     return run_epochs(loss_fn, train0, (batched(x_q), batched(t1), batched(t2)), opts, progress)

@@ -103,13 +103,13 @@ def stage_inputs(layer: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig,
 
     Args:
       layer, config, stage, lora, layer_idx: see :func:`stage_input`.
-      xs: block inputs ``[n, s, D]``.
+      xs: block inputs ``[n, s, D]`` (any float dtype; each sample is computed in float32).
 
     Returns:
-      ``[n, s, in]``.
+      ``[n, s, in]`` in ``xs``'s dtype.
     """
 
-    def one(x):
-        return stage_input(layer, x[None], config, stage, lora, layer_idx)[0]
+    def one(x):  # computed in float32 (as calibration trains), stored back in the cache dtype
+        return stage_input(layer, x[None].astype(jnp.float32), config, stage, lora, layer_idx)[0].astype(xs.dtype)
 
     return jax.lax.map(one, xs)

@@ -72,7 +72,7 @@ def test_two_bit_storage(rows):
 def test_bfloat16_storage_and_compute_within_three_percent_of_float32(rows):
     """ApiQ-bw at 2 bits with the weights, caches and evaluation in bfloat16 (blocks calibrated
     in float32 from the bfloat16 values) against the float32 run of ``rows`` (same settings)."""
-    from apiq_jax.models.quantized import cast_params
+    from apiq_jax.models.llama import cast_params
 
     model = load_pretrained(require_shared("models", "stories260K"))
     data = require_shared("data", "tinystories260K")
