@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from apiq_jax.commands.common import run_command
 
 #: the subcommands, in --help order; each is the module apiq_jax.commands.<name>
-COMMANDS = ("eval", "quantize", "finetune", "demo")
+COMMANDS = ("eval", "quantize", "finetune", "plan", "demo")
 
 
 def version() -> str:

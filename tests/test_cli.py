@@ -35,7 +35,7 @@ def test_parser_registers_subcommands_in_one_place():
     assert e.value.code != 0
     args = parser.parse_args(["eval", "--model", "m", "--data", "d.npy"])
     assert args.command == "eval" and args.batch_size == 8 and args.seqlen is None and callable(args.func)
-    assert list(_subparsers(parser)) == list(COMMANDS) == ["eval", "quantize", "finetune", "demo"]
+    assert list(_subparsers(parser)) == list(COMMANDS) == ["eval", "quantize", "finetune", "plan", "demo"]
     for name in COMMANDS:
         module = importlib.import_module(f"apiq_jax.commands.{name}")
         assert module.NAME == name
@@ -47,6 +47,7 @@ def _minimal_argv(name: str) -> list[str]:
         "eval": ["eval", "--model", "m", "--data", "d.npy"],
         "quantize": ["quantize", "--model", "m", "--method", "rtn", "--bits", "2", "--calib", "c", "--out", "o"],
         "finetune": ["finetune", "--model", "m", "--data", "d", "--out", "o"],
+        "plan": ["plan", "--model", "m", "--method", "rtn", "--bits", "2"],
         "demo": ["demo"],
     }[name]
 
