@@ -69,16 +69,7 @@ def _compute_dtype(layer_params: Mapping[str, Any]) -> Any:
 
 
 def _run_block(layer_params, xs, config, lora=None, layer_idx=None):
-    one = _block_fn(layer_params, config, lora, layer_idx)
-
-    def body(i: jnp.ndarray, out: jnp.ndarray) -> jnp.ndarray:
-        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(xs.dtype)
-        return jax.lax.dynamic_update_index_in_dim(out, y, i, 0)
-
-    return jax.lax.fori_loop(0, xs.shape[0], body, xs)
-
-
-def _run_block_inplace(layer_params, xs, config, lora=None, layer_idx=None):
+    """Sample i read from the carry, then overwritten with its output (in place when ``xs`` is donated)."""
     one = _block_fn(layer_params, config, lora, layer_idx)
 
     def body(i: jnp.ndarray, xs: jnp.ndarray) -> jnp.ndarray:
@@ -89,7 +80,7 @@ def _run_block_inplace(layer_params, xs, config, lora=None, layer_idx=None):
 
 
 _run_block_jit = jax.jit(_run_block, static_argnames=("config", "layer_idx"))
-_run_block_donating = jax.jit(_run_block_inplace, static_argnames=("config", "layer_idx"), donate_argnames=("xs",))
+_run_block_donating = jax.jit(_run_block, static_argnames=("config", "layer_idx"), donate_argnames=("xs",))
 
 
 def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, lora: Lora | None = None,
