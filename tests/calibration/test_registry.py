@@ -53,7 +53,7 @@ def test_option_defaults_come_from_the_functions():
 
 def _cli_refuses(method: str, bits: int, scheme: str) -> bool:
     args = argparse.Namespace(method=method, bits=bits, scheme=scheme, group_size=64, rank=4, nsamples=None,
-                              seqlen=None, alpha=16.0, epochs=None, num_iter=None)
+                              seqlen=None, alpha=16.0, epochs=None, num_iter=None, max_shard_size="2GB")
     try:
         qcmd.check_args(args)
     except ValueError:
