@@ -10,6 +10,9 @@ fix are reported by :func:`apiq_jax.commands.common.run_command` as one
     apiq-jax quantize --model HF_DIR --method M --bits B --calib FILE --out OUT
     apiq-jax finetune --model QUANT_DIR --data FILE --out OUT [--steps N]
     apiq-jax demo [--fast]
+    apiq-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    apiq-jax export --model QDIR --format {peft,merged,gptq} --out DIR
+    apiq-jax import --from {apiq,gptq} SRC --out QDIR
     apiq-jax --version
 """
 
@@ -22,8 +25,9 @@ from collections.abc import Sequence
 
 from apiq_jax.commands.common import run_command
 
-#: the subcommands, in --help order; each is the module apiq_jax.commands.<name>
-COMMANDS = ("eval", "quantize", "finetune", "plan", "demo")
+#: the subcommands, in --help order; each is the module apiq_jax.commands.<name> (the command
+#: is its NAME: the module import_ is the command ``import``)
+COMMANDS = ("eval", "quantize", "finetune", "plan", "demo", "generate", "export", "import_")
 
 
 def version() -> str:

@@ -35,10 +35,11 @@ def test_parser_registers_subcommands_in_one_place():
     assert e.value.code != 0
     args = parser.parse_args(["eval", "--model", "m", "--data", "d.npy"])
     assert args.command == "eval" and args.batch_size == 8 and args.seqlen is None and callable(args.func)
-    assert list(_subparsers(parser)) == list(COMMANDS) == ["eval", "quantize", "finetune", "plan", "demo"]
+    names = ["eval", "quantize", "finetune", "plan", "demo", "generate", "export", "import"]
+    assert list(_subparsers(parser)) == [n.rstrip("_") for n in COMMANDS] == names  # module import_ is `import`
     for name in COMMANDS:
         module = importlib.import_module(f"apiq_jax.commands.{name}")
-        assert module.NAME == name
+        assert module.NAME == name.rstrip("_")
         assert parser.parse_args(_minimal_argv(name)).func is module.run
 
 
@@ -49,6 +50,9 @@ def _minimal_argv(name: str) -> list[str]:
         "finetune": ["finetune", "--model", "m", "--data", "d", "--out", "o"],
         "plan": ["plan", "--model", "m", "--method", "rtn", "--bits", "2"],
         "demo": ["demo"],
+        "generate": ["generate", "--model", "m", "--prompt", "p"],
+        "export": ["export", "--model", "m", "--format", "peft", "--out", "o"],
+        "import_": ["import", "--from", "gptq", "s", "--out", "o"],
     }[name]
 
 
@@ -109,7 +113,7 @@ def test_version_falls_back_to_the_package_attribute(monkeypatch):
 _MARKUP = re.compile(r"``|:(func|mod|class|data|meth|attr|ref|exc|obj):`")
 
 
-@pytest.mark.parametrize("name", [None, *COMMANDS])
+@pytest.mark.parametrize("name", [None, *(n.rstrip("_") for n in COMMANDS)])
 def test_help_is_plain_text(name, capsys):
     argv = ["--help"] if name is None else [name, "--help"]
     with pytest.raises(SystemExit) as e:
