@@ -6,7 +6,8 @@ model's activations, its inputs taken from the already-quantized shallower part 
 network. Both variants walk the blocks in order (:func:`apiq_jax.calibration.driver.run_blocks`)
 carrying two streams from the embeddings: ``x_fp`` (the full-precision model) and ``x_q``
 (the model quantized so far, LoRA active). Every block starts from the clipping logits at
-``clip_init`` and the initial LoRA (QLoRA init or ``lora_init``), and ends frozen: each
+``clip_init`` and the initial LoRA (QLoRA init, ``lora_init`` factors, or fitted to the
+block's ``W - Q0`` by LoftQ's or CLoQ's closed form: ``ApiQOptions.lora_init``), and ends frozen: each
 linear quantized once, with its learned logits.
 
 With ``work_dir`` a run is resumable (:class:`~apiq_jax.calibration.workdir.WorkDir`): every
@@ -37,6 +38,7 @@ from apiq_jax.calibration.blocks import (
     run_block,
     stream_error,
 )
+from apiq_jax.calibration.cloq import block_grams, block_lora_init
 from apiq_jax.calibration.driver import BlockOutput, frozen_model, run_blocks
 from apiq_jax.calibration.inputs import validate_inputs
 from apiq_jax.calibration.options import ApiQOptions
@@ -108,6 +110,8 @@ class ApiQContext:
         dtype = jnp.dtype(layer["q_proj"].dtype).name
         dense = as_float32(layer)
         state = self.start_state(i, layer)
+        if self.opts.lora_init != "default":  # LoftQ/CLoQ start: fitted to this block's W - Q0 (on x_q)
+            state["lora"] = self.fitted_lora(i, dense, state, streams["x_q"], li)
         t1 = run_block(dense, streams["x_fp"], self.config, None, layer_idx=li, consume=consume_fp)
         error = block_error(fake_quant_layer(dense, state["clip"], self.qcfg), streams["x_q"], t1, self.config,
                             state["lora"], layer_idx=li)
@@ -148,6 +152,27 @@ class ApiQContext:
                              error_after=stream_error(start.t1, x_q), loss_curve=losses, extra=extra)
         return BlockOutput(frozen=frozen, report=report, lora=train["lora"], streams={"x_fp": start.t1, "x_q": x_q},
                            state=train)
+
+    def fitted_lora(self, i: int, dense: Mapping[str, Any], state: Mapping[str, Any], x_q: jnp.ndarray,
+                    layer_idx: int | None) -> Lora:
+        """Block ``i``'s LoRA fitted to its starting quantization error (``opts.lora_init`` "loftq"/"cloq").
+
+        Args:
+          i: the block index.
+          dense: its float32 params.
+          state: its starting state (the clip logits give ``Q0``; the LoRA gives the targets).
+          x_q: the block's quantized-stream inputs (CLoQ's ``X``).
+          layer_idx: see :func:`~apiq_jax.calibration.blocks.layer_idx_arg`.
+
+        Returns:
+          The float32 :class:`~apiq_jax.lora.Lora` of :func:`~apiq_jax.calibration.cloq.block_lora_init`.
+        """
+        lora = state["lora"]
+        names = [n for n in LINEARS if n in lora.factors]
+        base = fake_quant_layer({n: dense[n] for n in names}, {n: state["clip"][n] for n in names}, self.qcfg)
+        grams = block_grams(dense, x_q, self.config, layer_idx, names) if self.opts.lora_init == "cloq" else None
+        factors = block_lora_init(self.opts.lora_init, dense, base, lora.config, grams=grams, where=f"layers.{i}")
+        return lora.replace(factors)
 
     def start_state(self, i: int, layer: Mapping[str, Any]) -> dict[str, Any]:
         """Block ``i``'s starting point (also the template its checkpoint is restored into).
@@ -193,7 +218,7 @@ def calibrate_apiq(
     ids = validate_inputs(method, params, model_config, calib_ids, quant_config, lora_config)
     opts.check_batching(ids.shape[0])
     timer = Stopwatch()
-    ctx = ApiQContext(model_config, quant_config, opts, _initial_lora(params, lora_config, key, lora_init))
+    ctx = ApiQContext(model_config, quant_config, opts, _initial_lora(params, lora_config, key, lora_init, opts))
     x0 = embed_ids(params, ids, model_config)
     x0 = x0.astype(opts.cache_dtype or x0.dtype)
     streams = {"x_fp": x0, "x_q": jnp.copy(x0)}  # two buffers: the steps write into them in place
@@ -222,9 +247,13 @@ def calibrate_apiq(
 
 
 def _initial_lora(params: Mapping[str, Any], lora_config: LoraConfig, key: jax.Array | None,
-                  lora_init: Mapping[str, Any] | None) -> Lora:
+                  lora_init: Mapping[str, Any] | None, opts: ApiQOptions) -> Lora:
     if lora_init is not None:
+        if opts.lora_init != "default":
+            raise ValueError(f"lora_init= factors and options.lora_init={opts.lora_init!r} both given; pass one")
         return lora_from_factors(params, lora_config, lora_init)
+    if opts.lora_init != "default" and key is None:  # the template of the fitted factors: its values are replaced
+        key = jax.random.PRNGKey(0)
     if key is None:
         raise ValueError("key= (a jax.random key) is required to initialise the LoRA factors")
     return init_lora(params, lora_config, key, method="qlora")

@@ -10,11 +10,14 @@ import numpy as np
 
 from apiq_jax.quant.clip import CLIP_INIT
 
-__all__ = ["CACHE_DTYPES", "ApiQOptions"]
+__all__ = ["CACHE_DTYPES", "LORA_INITS", "ApiQOptions"]
 
 _COUNTS = {"epochs": 0, "batch_size": 1}  # integer options and their minimum
 #: dtypes the activation caches may be stored in
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+#: where ApiQ's LoRA starts (:attr:`ApiQOptions.lora_init`): the reference's QLoRA init, LoftQ's
+#: (rank-r SVD of ``W - Q``) or CLoQ's (its activation-weighted SVD, :mod:`apiq_jax.calibration.cloq`)
+LORA_INITS = ("default", "loftq", "cloq")
 _REALS = ("lora_lr", "clip_lr", "lora_weight_decay", "clip_weight_decay", "eps", "clip_init")
 
 
@@ -37,6 +40,14 @@ class ApiQOptions:
       cache_dtype: dtype the activation caches (the ``[n, seqlen, D]`` streams and targets)
         are stored in: "float32", "bfloat16" or "float16"; None: the model's dtype (its
         embedding table's). Blocks always compute in float32; a float32 cache is exact.
+      lora_init: where every block's LoRA starts (one of :data:`LORA_INITS`). "default": the
+        reference's QLoRA init (``a`` kaiming-uniform, ``b = 0``). "loftq" / "cloq": fitted in
+        closed form to the block's starting quantization error ``W - Q0`` (``Q0`` the weights
+        quantized with the clipping logits at ``clip_init``): its rank-r SVD (LoftQ's one
+        iteration), or its SVD weighted by the ``X^T X`` of each linear's inputs on the
+        quantized stream ``x_q`` (CLoQ, ridge 0.01 of the mean diagonal). With a large
+        ``clip_init`` (e.g. 20.0: plain RTN) and ``epochs=0`` the result is LoftQ's
+        (``num_iter=1``) and CLoQ's ``sequential=True`` solution for the same scheme.
     """
 
     epochs: int = 20
@@ -51,6 +62,7 @@ class ApiQOptions:
     batch_size: int = 1
     clip_init: float = CLIP_INIT
     cache_dtype: str | None = None
+    lora_init: str = "default"
 
     def __post_init__(self) -> None:
         for name, lowest in _COUNTS.items():
@@ -73,6 +85,8 @@ class ApiQOptions:
         object.__setattr__(self, "aug_loss", bool(self.aug_loss))
         if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype={self.cache_dtype!r} is not supported; accepted: {CACHE_DTYPES} or None")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"lora_init={self.lora_init!r} is not supported; accepted: {', '.join(LORA_INITS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-able dict.

@@ -20,6 +20,7 @@ from typing import Any
 
 from apiq_jax.calibration.apiq_bw import apiq_bw
 from apiq_jax.calibration.apiq_lw import apiq_lw
+from apiq_jax.calibration.cloq import cloq_init
 from apiq_jax.calibration.gptq import gptq_init
 from apiq_jax.calibration.loftq import loftq_init
 from apiq_jax.calibration.reports import CalibrationResult
@@ -108,6 +109,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(name="loftq", fn=loftq_init, label=f"LoftQ (NF, {LOFTQ_COMPARE_ITERATIONS} it.)", bits=_BITS,
                    schemes=("nf", "asym", "sym"), default_scheme="nf", trains=False,
                    compare_options={"num_iter": LOFTQ_COMPARE_ITERATIONS}),
+        MethodSpec(name="cloq", fn=cloq_init, label="CLoQ", bits=_BITS, schemes=("nf", "asym", "sym"),
+                   default_scheme="nf", trains=False),
         MethodSpec(name="qlora", fn=qlora_init, label="QLoRA (NF)", bits=_BITS, schemes=("nf", "asym", "sym"),
                    default_scheme="nf", trains=False),
         MethodSpec(name="rtn", fn=rtn_init, label="RTN", bits=_BITS, schemes=("asym", "sym", "nf"),

@@ -6,11 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from apiq_jax.calibration import ApiQOptions, apiq_bw
+from apiq_jax.calibration import ApiQOptions, apiq_bw, apiq_lw, cloq_init, loftq_init
 from apiq_jax.calibration.apiq import ApiQContext
 from apiq_jax.lora import LINEARS, init_lora
-from apiq_jax.quant import ClipLogits, QuantizedTensor
+from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize, init_clip
 from tests.calibration import resume_worker as W
 
 
@@ -45,3 +46,72 @@ def test_result_keeps_the_dtypes_and_the_typed_clip_logits():
     assert res.params["embed_tokens"] is params["embed_tokens"]
     assert res.report.options == ApiQOptions(epochs=1).to_dict()
     assert res.report.extra == {"resumed_from_block": 0, "work_dir": None}
+
+
+# --- ApiQOptions.lora_init: ApiQ started from LoftQ's or CLoQ's closed form ------------------------
+_RTN_CLIP = 20.0  # sigmoid(20) == 1.0 in float32: ApiQ's starting quantizer is plain round-to-nearest
+
+
+def _same_model(res, ref, atol_rel):
+    for i, layer in enumerate(res.params["layers"]):
+        for n in LINEARS:
+            np.testing.assert_array_equal(np.asarray(layer[n].codes), np.asarray(ref.params["layers"][i][n].codes))
+            got = np.asarray(res.lora["layers"][i][n]["a"] @ res.lora["layers"][i][n]["b"])
+            want = np.asarray(ref.lora["layers"][i][n]["a"] @ ref.lora["layers"][i][n]["b"])
+            np.testing.assert_allclose(got, want, rtol=0, atol=atol_rel * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fn", [apiq_bw, apiq_lw])
+def test_lora_init_loftq_at_zero_epochs_is_loftq(fn):
+    """0 epochs from the LoftQ start, RTN clipping: LoftQ's (one iteration) codes and factors, bit for bit."""
+    params, ids = W.tiny_setup()
+    qcfg = QuantConfig(2, 32, scheme="asym")
+    ref = loftq_init(params, W.CFG, ids, qcfg, W.LCFG, key=None, num_iter=1)
+    res = fn(params, W.CFG, ids, qcfg, W.LCFG, options=ApiQOptions(epochs=0, clip_init=_RTN_CLIP, lora_init="loftq"))
+    _same_model(res, ref, 0.0)
+    assert res.report.options["lora_init"] == "loftq"
+    np.testing.assert_allclose(res.report.errors_after, ref.report.errors_after, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [apiq_bw, apiq_lw])
+def test_lora_init_cloq_at_zero_epochs_is_cloq(fn):
+    """0 epochs from the CLoQ start: CLoQ's solution with X from the quantized stream (sequential=True)."""
+    params, ids = W.tiny_setup()
+    qcfg = QuantConfig(2, 32, scheme="asym")
+    ref = cloq_init(params, W.CFG, ids, qcfg, W.LCFG, key=None, sequential=True)
+    res = fn(params, W.CFG, ids, qcfg, W.LCFG, options=ApiQOptions(epochs=0, clip_init=_RTN_CLIP, lora_init="cloq"))
+    _same_model(res, ref, 1e-5)  # the same float32 program up to XLA fusion differences
+    np.testing.assert_allclose(res.report.errors_after, ref.report.errors_after, rtol=1e-4)
+
+
+def test_lora_init_fits_the_clipped_start_and_then_trains():
+    """With ApiQ's own clip_init the factors fit W - Q0 (Q0 clipped at sigmoid(4)); the fitted start has a
+    lower error than the reference's in every block, and training goes on from it."""
+    params, ids = W.tiny_setup()
+    default = apiq_bw(params, W.CFG, ids, W.QCFG, W.LCFG, key=jax.random.PRNGKey(0), options=ApiQOptions(epochs=1))
+    for kind in ("loftq", "cloq"):
+        res = apiq_bw(params, W.CFG, ids, W.QCFG, W.LCFG, options=ApiQOptions(epochs=1, lora_init=kind))
+        for b, d in zip(res.report.blocks, default.report.blocks):
+            assert b.error_before < d.error_before, (kind, b.index, b.error_before, d.error_before)
+            assert len(b.loss_curve) == ids.shape[0]  # one epoch of batch-1 steps
+    w = np.asarray(params["layers"][0]["v_proj"], np.float64)
+    q0 = np.asarray(fake_quantize(params["layers"][0]["v_proj"], W.QCFG, clip=init_clip(w.shape, W.QCFG)), np.float64)
+    u, s, vt = np.linalg.svd((w - q0).T)
+    want = (u[:, :4] * s[:4]) @ vt[:4]
+    ctx = ApiQContext(W.CFG, W.QCFG, ApiQOptions(lora_init="loftq"), init_lora(params, W.LCFG, jax.random.PRNGKey(0)))
+    layer = {k: jnp.asarray(v, jnp.float32) for k, v in params["layers"][0].items()}
+    lora = ctx.fitted_lora(0, layer, ctx.start_state(0, layer), None, None)
+    got = W.LCFG.scale * np.asarray(lora["v_proj"]["a"] @ lora["v_proj"]["b"], np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_lora_init_is_in_the_work_dir_fingerprint(tmp_path):
+    """A work directory started with one lora_init is not resumed with another."""
+    params, ids = W.tiny_setup()
+    apiq_bw(params, W.CFG, ids, W.QCFG, W.LCFG, options=ApiQOptions(epochs=0, lora_init="loftq"), work_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"differs in: .*options"):
+        apiq_bw(params, W.CFG, ids, W.QCFG, W.LCFG, options=ApiQOptions(epochs=0, lora_init="cloq"),
+                work_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"lora_init= factors and options.lora_init='cloq' both given"):
+        apiq_bw(params, W.CFG, ids, W.QCFG, W.LCFG, options=ApiQOptions(lora_init="cloq"),
+                lora_init=init_lora(params, W.LCFG, jax.random.PRNGKey(0)).factors)

@@ -36,3 +36,10 @@ def test_batch_size_must_divide_the_samples():
     ApiQOptions(batch_size=2).check_batching(4)
     with pytest.raises(ValueError, match="batch_size=3 does not divide the 4 calibration samples"):
         ApiQOptions(batch_size=3).check_batching(4)
+
+
+def test_lora_init_values():
+    assert ApiQOptions().lora_init == "default"  # the reference's init
+    assert ApiQOptions(lora_init="cloq").to_dict()["lora_init"] == "cloq"
+    with pytest.raises(ValueError, match="lora_init='svd' is not supported; accepted: default, loftq, cloq"):
+        ApiQOptions(lora_init="svd")

@@ -14,6 +14,7 @@ from apiq_jax.calibration import (
     MethodSpec,
     apiq_bw,
     apiq_lw,
+    cloq_init,
     get_method,
     gptq_init,
     loftq_init,
@@ -27,16 +28,16 @@ from tests.calibration import resume_worker as W
 
 
 def test_registry_contents():
-    assert list(METHODS) == ["apiq-bw", "apiq-lw", "loftq", "qlora", "rtn", "gptq"]
-    fns = {"apiq-bw": apiq_bw, "apiq-lw": apiq_lw, "loftq": loftq_init, "qlora": qlora_init, "rtn": rtn_init,
-           "gptq": gptq_init}
+    assert list(METHODS) == ["apiq-bw", "apiq-lw", "loftq", "cloq", "qlora", "rtn", "gptq"]
+    fns = {"apiq-bw": apiq_bw, "apiq-lw": apiq_lw, "loftq": loftq_init, "cloq": cloq_init, "qlora": qlora_init,
+           "rtn": rtn_init, "gptq": gptq_init}
     for name, spec in METHODS.items():
         assert isinstance(spec, MethodSpec) and spec.name == name and spec.fn is fns[name]
         assert get_method(name) is spec
         assert spec.default_scheme in spec.schemes and spec.bits == (2, 3, 4)
     assert [n for n, s in METHODS.items() if s.trains] == ["apiq-bw", "apiq-lw"]
     assert METHODS["apiq-bw"].schemes == ("asym", "sym")
-    assert {n for n, s in METHODS.items() if s.default_scheme == "nf"} == {"qlora", "loftq"}
+    assert {n for n, s in METHODS.items() if s.default_scheme == "nf"} == {"qlora", "loftq", "cloq"}
     with pytest.raises(ValueError, match="unknown calibration method 'awq'; accepted: apiq-bw, apiq-lw, loftq"):
         get_method("awq")
     with pytest.raises(TypeError):

@@ -1,0 +1,370 @@
+"""The bits x rank sweep: every initialisation, before and after a short LoRA finetune, on two models.
+
+For each model (stories260K from the shared folder, the bundled demo model), each bit width
+and each LoRA rank it calibrates with RTN, QLoRA, LoftQ, CLoQ, ApiQ-lw, ApiQ-bw and ApiQ-bw
+started from LoftQ's and from CLoQ's closed form (``ApiQOptions.lora_init``), and measures
+perplexity and the mean per-block activation error on held-out windows, then finetunes the
+LoRA factors (the demo's schedule: 50 steps, batch 8, peak LR 3e-4, 10 warm-up steps, cosine) and
+measures perplexity again. Every ApiQ variant gets the same calibration windows and epochs.
+
+Every finished row is appended to ``rows.jsonl`` under ``--out`` at once, so an interrupted
+sweep resumes where it stopped (rows whose settings differ are refused, not mixed). At the end
+it prints one Markdown table per model, checks the issue's figures and draws a heat map per
+model (``sweep_<model>.png``).
+
+    python benchmarks/sweep.py [--models stories260K,demo] [--bits 2,3] [--ranks 4,8,16,32]
+        [--nsamples 8] [--seqlen 128] [--epochs 2] [--eval-windows 16] [--finetune-steps 50] [--finetune-batch 8]
+        [--out benchmarks/sweep] [--shared DIR] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+#: (key, label, registry method, ApiQOptions.lora_init or None), in table order
+VARIANTS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("rtn", "RTN", "rtn", None),
+    ("qlora", "QLoRA", "qlora", None),
+    ("loftq", "LoftQ", "loftq", None),
+    ("cloq", "CLoQ", "cloq", None),
+    ("apiq-lw", "ApiQ-lw", "apiq-lw", "default"),
+    ("apiq-bw", "ApiQ-bw", "apiq-bw", "default"),
+    ("apiq-bw+loftq", "ApiQ-bw from LoftQ", "apiq-bw", "loftq"),
+    ("apiq-bw+cloq", "ApiQ-bw from CLoQ", "apiq-bw", "cloq"),
+)
+BASELINES = ("rtn", "qlora", "loftq", "cloq")
+APIQ = ("apiq-lw", "apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq")
+MODELS = ("stories260K", "demo")
+#: the demo's finetuning schedule (apiq_jax.commands.demo)
+FINETUNE_BATCH, FINETUNE_LR, FINETUNE_WARMUP = 8, 3e-4, 10
+
+
+def _shared_default() -> Path:
+    env = os.environ.get("APIQ_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A model and its data: calibration, evaluation and finetuning windows.
+
+    Args:
+      name: "stories260K" (``--shared``/models/stories260K with data/tinystories260K) or "demo"
+        (the bundled model and held-out Python stdlib text, as ``apiq-jax demo``).
+      args: the parsed arguments.
+
+    Returns:
+      ``{"params", "config", "calib", "eval", "train"}`` (int32 windows of ``--seqlen`` tokens).
+
+    Raises:
+      SystemExit: an input file is missing.
+    """
+    import numpy as np
+
+    from apiq_jax.data import sample_windows, split_windows, tokenize
+    from apiq_jax.models import load_pretrained, load_tokenizer
+
+    if name == "stories260K":
+        shared = Path(args.shared)
+        model_dir, data = shared / "models" / "stories260K", shared / "data" / "tinystories260K"
+        for p in (model_dir / "config.json", data / "calib.npy", data / "eval.npy"):
+            if not p.is_file():
+                raise SystemExit(f"sweep input not found: {p} (pass --shared DIR or set APIQ_SHARED)")
+        model = load_pretrained(model_dir)
+        calib_all = np.load(data / "calib.npy").astype(np.int32)
+        calib = calib_all[: args.nsamples, : args.seqlen]
+        eval_ids = np.load(data / "eval.npy").astype(np.int32)[: args.eval_windows, : args.seqlen]
+        train = calib_all[:, : args.seqlen]
+    else:
+        from apiq_jax.demo_data import DEMO_MODEL_DIR, demo_text
+
+        model = load_pretrained(DEMO_MODEL_DIR)
+        tok = load_tokenizer(DEMO_MODEL_DIR)
+        stream = tokenize(demo_text("calib"), tok)
+        calib = sample_windows(stream, args.nsamples, args.seqlen, seed=args.seed, name="demo calibration text")
+        eval_ids = split_windows(tokenize(demo_text("eval"), tok), args.seqlen, name="demo evaluation text")
+        eval_ids = eval_ids[: args.eval_windows]
+        train = split_windows(stream, args.seqlen)
+    return {"params": model.params, "config": model.config, "calib": np.asarray(calib, np.int32),
+            "eval": np.asarray(eval_ids, np.int32), "train": np.asarray(train, np.int32)}
+
+
+def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None], bits: int, rank: int,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate one variant, measure it, finetune its LoRA, measure again: one row.
+
+    Args:
+      data: :func:`load_model`'s output.
+      variant: an entry of :data:`VARIANTS`.
+      bits: weight bits.
+      rank: LoRA rank (alpha = 2 * rank: the scale alpha / r is 2 at every rank).
+      args: the parsed arguments.
+
+    Returns:
+      The row (perplexity before/after finetuning, mean activation error, seconds).
+    """
+    import jax
+    import numpy as np
+
+    from apiq_jax.calibration import ApiQOptions, get_method
+    from apiq_jax.calibration.registry import LOFTQ_COMPARE_ITERATIONS
+    from apiq_jax.compare import EVAL_BATCH, quantized_bits_per_param
+    from apiq_jax.evaluate import activation_errors, perplexity_ids
+    from apiq_jax.lora import LoraConfig
+    from apiq_jax.quant import QuantConfig
+    from apiq_jax.training import FinetuneConfig, finetune
+
+    key, label, method, lora_init = variant
+    spec = get_method(method)
+    qcfg = QuantConfig(bits=bits, group_size=args.group_size, scheme=spec.default_scheme)
+    lcfg = LoraConfig(rank=rank, alpha=2.0 * rank)
+    opts: dict[str, Any] = {}
+    if spec.trains:
+        opts["options"] = ApiQOptions(epochs=args.epochs, lora_init=lora_init)
+    elif method == "loftq":
+        opts["num_iter"] = LOFTQ_COMPARE_ITERATIONS
+    params, config = data["params"], data["config"]
+    t0 = time.perf_counter()
+    if not spec.trains:
+        opts["measure_error"] = False  # measured below on the held-out windows, as for ApiQ
+    res = spec.fn(params, config, data["calib"], qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
+    calib_s = time.perf_counter() - t0
+    ppl = perplexity_ids(res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH).perplexity
+    errs = activation_errors(params, res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH)
+    row = {"variant": key, "label": label, "method": method, "lora_init": lora_init, "scheme": qcfg.scheme,
+           "bits": bits, "rank": rank, "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
+           "mean_activation_error": float(np.mean(errs)), "activation_errors": [float(e) for e in errs],
+           "calib_seconds": calib_s}
+    if args.finetune_steps:
+        steps = args.finetune_steps
+        fcfg = FinetuneConfig(steps=steps, batch_size=args.finetune_batch, learning_rate=FINETUNE_LR,
+                              warmup_steps=min(FINETUNE_WARMUP, steps), seed=args.seed)
+        lora, _ = finetune(res.params, res.lora, data["train"], config, fcfg)
+        row["perplexity_finetuned"] = perplexity_ids(res.params, data["eval"], config=config, lora=lora,
+                                                     batch_size=EVAL_BATCH).perplexity
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("nsamples", "seqlen", "epochs", "eval_windows", "finetune_steps", "finetune_batch", "group_size", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _load_rows(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        if r["settings"] != settings:
+            raise SystemExit(f"{path} holds rows of other settings ({r['settings']}); pass another --out or the "
+                             f"same settings to resume")
+    return rows
+
+
+def _cell(rows: list[dict[str, Any]], model: str, bits: int, rank: int) -> dict[str, dict[str, Any]]:
+    return {r["variant"]: r for r in rows if r["model"] == model and r["bits"] == bits and r["rank"] == rank}
+
+
+def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: list[int]) -> str:
+    """Markdown table of one model: a row per (bits, rank), perplexity before -> after finetuning per variant.
+
+    Args:
+      rows: the sweep's rows.
+      model: the model name.
+      bits_list, ranks: the grid.
+
+    Returns:
+      The table, then one line per (bits, rank) with the mean activation errors.
+    """
+    head = "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |"
+    lines = [head, "|---:|---:|" + "---:|" * len(VARIANTS)]
+    errs = ["", "mean activation error (held-out windows):", "",
+            "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |", "|---:|---:|" + "---:|" * len(VARIANTS)]
+    for b in bits_list:
+        for r in ranks:
+            c = _cell(rows, model, b, r)
+            best_b = min((c[k]["perplexity"] for k in BASELINES if k in c), default=math.nan)
+            cells, ecells = [], []
+            for k, *_ in VARIANTS:
+                if k not in c:
+                    cells.append("-")
+                    ecells.append("-")
+                    continue
+                p, f = c[k]["perplexity"], c[k].get("perplexity_finetuned")
+                s = f"{p:.2f}" + ("" if f is None else f" → {f:.2f}")
+                cells.append(f"**{s}**" if k in APIQ and p <= best_b else s)
+                ecells.append(f"{c[k]['mean_activation_error']:.3f}")
+            lines.append(f"| {b} | {r} | " + " | ".join(cells) + " |")
+            errs.append(f"| {b} | {r} | " + " | ".join(ecells) + " |")
+    return "\n".join(lines + errs)
+
+
+def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: list[int]) -> dict[str, Any]:
+    """The issue's figures on one model.
+
+    Args:
+      rows: the sweep's rows.
+      model: the model name.
+      bits_list, ranks: the grid.
+
+    Returns:
+      ``{"apiq_best_before": k, "apiq_best_after": k, "started_beats_plain": k, "cells": n}``: in how many of
+      the n cells the best ApiQ variant is at or below the best baseline (before / after finetuning), and
+      ApiQ-bw from LoftQ or CLoQ is at or below plain ApiQ-bw (before finetuning).
+    """
+    out = {"apiq_best_before": 0, "apiq_best_after": 0, "started_beats_plain": 0, "cells": 0}
+    for b in bits_list:
+        for r in ranks:
+            c = _cell(rows, model, b, r)
+            if not all(k in c for k, *_ in VARIANTS):
+                continue
+            out["cells"] += 1
+            for field, name in (("perplexity", "apiq_best_before"), ("perplexity_finetuned", "apiq_best_after")):
+                if all(field in c[k] for k in c):
+                    if min(c[k][field] for k in APIQ) <= min(c[k][field] for k in BASELINES):
+                        out[name] += 1
+            if min(c["apiq-bw+loftq"]["perplexity"], c["apiq-bw+cloq"]["perplexity"]) <= c["apiq-bw"]["perplexity"]:
+                out["started_beats_plain"] += 1
+    return out
+
+
+def heatmap(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: list[int], path: Path,
+            fp_ppl: float) -> Path | None:
+    """Heat map of log perplexity: (bits, rank) rows x variants, before and after finetuning.
+
+    Args:
+      rows: the sweep's rows.
+      model: the model name.
+      bits_list, ranks: the grid.
+      path: the PNG to write.
+      fp_ppl: the full-precision perplexity (in the title).
+
+    Returns:
+      The path, or None without matplotlib.
+    """
+    import numpy as np
+
+    try:
+        from apiq_jax.plotting import pyplot, save_figure
+
+        plt = pyplot()
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    ylabels = [f"{b}-bit r={r}" for b in bits_list for r in ranks]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 0.45 * len(ylabels) + 2.5))
+    for ax, field, title in ((axes[0], "perplexity", "after calibration"),
+                             (axes[1], "perplexity_finetuned", "after LoRA finetuning")):
+        m = np.full((len(ylabels), len(VARIANTS)), np.nan)
+        for i, (b, r) in enumerate((b, r) for b in bits_list for r in ranks):
+            c = _cell(rows, model, b, r)
+            for j, (k, *_) in enumerate(VARIANTS):
+                if k in c and field in c[k]:
+                    m[i, j] = c[k][field]
+        im = ax.imshow(np.log10(m), cmap="viridis_r", aspect="auto")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                            color="w" if np.log10(m[i, j]) > np.nanmean(np.log10(m)) else "k")
+        ax.set_xticks(range(len(VARIANTS)), [v[1] for v in VARIANTS], rotation=30, ha="right")
+        ax.set_yticks(range(len(ylabels)), ylabels)
+        ax.set_title(f"{model}: perplexity {title} (full precision {fp_ppl:.2f})")
+        fig.colorbar(im, ax=ax, label="log10 perplexity")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--ranks", default="4,8,16,32")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
+    ap.add_argument("--seqlen", type=int, default=128, help="tokens per window (default 128)")
+    ap.add_argument("--epochs", type=int, default=2, help="ApiQ epochs, every ApiQ variant (default 2)")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--finetune-steps", type=int, default=50)
+    ap.add_argument("--finetune-batch", type=int, default=FINETUNE_BATCH, help=f"default {FINETUNE_BATCH} (the demo's)")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", default=str(_shared_default()))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "sweep"))
+    ap.add_argument("--report-only", action="store_true", help="run nothing: tables and heat maps of the rows so far")
+    return ap
+
+
+def main() -> None:
+    """Run the missing rows of the sweep (resumable), then print the tables and figures and draw the heat maps.
+
+    Returns:
+      None; writes ``rows.jsonl``, ``sweep.md`` and ``sweep_<model>.png`` under ``--out``.
+    """
+    args = _parser().parse_args()
+    from tqdm import tqdm
+
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise SystemExit(f"--models: unknown {bad}; accepted: {', '.join(MODELS)}")
+    keys = [k for k in args.variants.split(",") if k]
+    variants = [v for v in VARIANTS if v[0] in keys]
+    if len(variants) != len(keys):
+        raise SystemExit(f"--variants: unknown in {keys}; accepted: {', '.join(v[0] for v in VARIANTS)}")
+    bits_list = [int(b) for b in args.bits.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args)
+    rows_path = out / "rows.jsonl"
+    rows = _load_rows(rows_path, settings)
+    have = {(r["model"], r["bits"], r["rank"], r["variant"]) for r in rows}
+    jobs = [(m, b, r, v) for m in models for b in bits_list for r in ranks for v in variants
+            if (m, b, r, v[0]) not in have and not args.report_only]
+    fp: dict[str, float] = {}
+    data: dict[str, Any] = {}
+    with tqdm(total=len(jobs), desc="sweep", file=sys.stderr) as bar:
+        for m, b, r, v in jobs:
+            if m not in data:
+                data = {m: load_model(m, args)}
+            bar.set_postfix_str(f"{m} {b}-bit r={r} {v[0]}")
+            row = run_variant(data[m], v, b, r, args)
+            row.update(model=m, settings=settings)
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            bar.update(1)
+    import jax
+
+    from apiq_jax.compare import full_precision_row
+
+    env = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, CPU ({platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} cores), jax {jax.__version__}, python {platform.python_version()}")
+    md = [f"settings: {json.dumps(settings)}", "", env, ""]
+    for m in models:
+        d = load_model(m, args)
+        fp[m] = full_precision_row(d["params"], d["config"], d["eval"])["perplexity"]
+        fig = figures(rows, m, bits_list, ranks)
+        png = heatmap(rows, m, bits_list, ranks, out / f"sweep_{m.lower()}.png", fp[m])
+        md += [f"## {m} (full precision {fp[m]:.2f}; calibration {d['calib'].shape}, evaluation {d['eval'].shape})",
+               "", table(rows, m, bits_list, ranks), "", f"figures: {json.dumps(fig)}", f"heat map: {png}", ""]
+    text = "\n".join(md)
+    (out / "sweep.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
