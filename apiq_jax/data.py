@@ -3,7 +3,7 @@
 Every command reads its data through this module, so the accepted formats and their
 errors are the same everywhere:
 
-* ``.txt``: raw UTF-8 text (undecodable bytes replaced), tokenized once with the model's
+* ``.txt``: raw UTF-8 text (other bytes are refused), tokenized once with the model's
   tokenizer including its special tokens (a leading BOS for Llama tokenizers);
 * ``.npy``: integer token ids, 1-D (a stream cut into windows) or 2-D (``[n, seqlen]``
   rows used as they are). Pickled object arrays, floats and other ranks are refused.
@@ -111,7 +111,7 @@ def load_ids(path: str | os.PathLike, *, name: str | None = None, mmap: bool = F
 
 
 def read_text(path: str | os.PathLike, *, name: str | None = None) -> str:
-    """The text of a ``.txt`` file (UTF-8, undecodable bytes replaced).
+    """The text of a ``.txt`` file (UTF-8; other encodings are refused, not guessed).
 
     Args:
         path: the text file.
@@ -121,10 +121,16 @@ def read_text(path: str | os.PathLike, *, name: str | None = None) -> str:
         The file's text.
 
     Raises:
-        ValueError: the file holds only whitespace.
+        ValueError: the file is not UTF-8 or holds only whitespace.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{_prefix(name, path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); accepted: "
+            "UTF-8 text (convert it first, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     if not text.strip():
         raise ValueError(f"{_prefix(name, path)}: the text file is empty")
     return text
@@ -156,6 +162,28 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"cannot load the tokenizer from {p}: {e}") from e
+
+
+def check_tokenizer_vocab(tokenizer_dir: str | os.PathLike, vocab_size: int) -> None:
+    """Refuse a tokenizer whose vocabulary is larger than the model's (its ids would not fit).
+
+    Args:
+        tokenizer_dir: the model directory holding the tokenizer.
+        vocab_size: the model's vocabulary size.
+
+    Returns:
+        None.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_tokenizer`; a vocabulary larger than
+            ``vocab_size``.
+    """
+    n = len(load_tokenizer(tokenizer_dir))
+    if n > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} has {n} tokens, more than the model's vocab_size {vocab_size}; "
+            "accepted: a tokenizer of at most vocab_size tokens (is it the model's own tokenizer?)"
+        )
 
 
 def _as_tokenizer(tokenizer: Any) -> Any:

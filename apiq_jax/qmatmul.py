@@ -3,7 +3,9 @@
 Backends (``backend=`` of :func:`qmatmul`, a static string; None means
 :func:`default_backend`: the ``APIQ_QMATMUL_BACKEND`` environment variable, else "auto"):
 
-* ``"auto"``: ``"pallas"`` on GPU/TPU, ``"xla"`` on CPU (:func:`resolve_backend`).
+* ``"auto"``: ``"pallas"`` on GPU/TPU once the kernel has passed a one-time self-check
+  against the XLA path there (:func:`kernel_self_check`; else a warning and ``"xla"``),
+  ``"xla"`` on CPU (:func:`resolve_backend`).
 * ``"pallas"``: the :mod:`pallas_kernels` Triton (GPU) / Mosaic (TPU) kernels; the input
   gradient runs the transposed kernel on the same packed weights (custom VJP).
 * ``"xla"``: unpack + dequantize + cast fused by XLA into one pass producing the dot
@@ -33,6 +35,8 @@ float32 ``[N, n_groups]`` first (small next to the codes).
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from typing import Any
 
 import jax
@@ -70,19 +74,95 @@ def resolve_backend(backend: str | None) -> str:
       backend: one of ``BACKENDS`` or None (:func:`default_backend`).
     Returns:
       "pallas", "xla" or "interpret": "auto" is "pallas" when jax's default backend is a
-      GPU or TPU, else "xla"; a concrete name is returned as is.
+      GPU or TPU and the kernel passed its :func:`kernel_self_check` there, else "xla"; a
+      concrete name is returned as is (``APIQ_QMATMUL_BACKEND=pallas`` skips the check).
     Raises ValueError for an unknown name, or "pallas" without a GPU/TPU.
     """
     name = default_backend() if backend is None else _check_backend(backend, "backend=")
     platform = jax.default_backend()
     if name == "auto":
-        return "pallas" if platform in ("gpu", "tpu") else "xla"
+        return "pallas" if platform in ("gpu", "tpu") and kernel_self_check(platform) else "xla"
     if name == "pallas" and platform not in ("gpu", "tpu"):
         raise ValueError(
             f"backend 'pallas' needs a GPU or TPU, but jax's default backend is {platform!r}; "
             "use 'interpret' (kernel in Pallas' interpreter) or 'xla' on this machine"
         )
     return name
+
+
+#: (platform, device kind, interpret) -> whether the kernel passed its self-check in this process
+_SELF_CHECKS: dict[tuple[str, str, bool], bool] = {}
+_SELF_CHECK_LOCK = threading.Lock()
+#: tolerance of the self-check: max |kernel - xla| <= SELF_CHECK_RTOL * max |xla| (float32 inputs;
+#: a GPU may run float32 dots as TF32, ~1e-3 relative)
+SELF_CHECK_RTOL = 1e-2
+
+
+def kernel_self_check(platform: str, *, interpret: bool = False) -> bool:
+    """Whether the Pallas kernel computes a small random product and its ``dx`` as the XLA path does.
+
+    Run once per process and (platform, device kind); the result is cached. On a compile
+    error or a mismatch beyond :data:`SELF_CHECK_RTOL`, one warning names the setting that
+    forces a backend (``$APIQ_QMATMUL_BACKEND``) and False is returned ("auto" then uses the
+    XLA path). Safe to call while a function is being traced (it runs eagerly).
+
+    Args:
+      platform: "gpu" or "tpu" (the kernel to check).
+      interpret: check the kernel in Pallas' interpreter (CPU testing).
+
+    Returns:
+      True when the kernel agreed with the XLA path.
+    """
+    kind = jax.devices()[0].device_kind
+    key = (platform, kind, interpret)
+    with _SELF_CHECK_LOCK:
+        if key not in _SELF_CHECKS:
+            # in a thread of its own: jax's trace state is per thread, so a check first asked for
+            # while a function is being traced runs eagerly instead of being staged into it
+            result: list[tuple[bool, str]] = []
+            worker = threading.Thread(target=lambda: result.append(_run_self_check(platform, interpret)))
+            worker.start()
+            worker.join()
+            ok, why = result[0] if result else (False, "the check did not finish")
+            if not ok:
+                warnings.warn(
+                    f"apiq_jax.qmatmul: the Pallas {platform} kernel failed its self-check on {kind!r} ({why}); "
+                    f"backend 'auto' uses the XLA path instead. Set ${ENV_VAR}=xla to choose it explicitly, or "
+                    f"${ENV_VAR}=pallas to force the kernel", RuntimeWarning, stacklevel=3)
+            _SELF_CHECKS[key] = ok
+        return _SELF_CHECKS[key]
+
+
+def _run_self_check(platform: str, interpret: bool) -> tuple[bool, str]:
+    """(passed, why not) of one kernel-vs-XLA comparison of ``y`` and ``dx``."""
+    from apiq_jax.quant import QuantConfig, quantize
+
+    try:
+        kw, kx, kr = jax.random.split(jax.random.key(0), 3)
+        qt = quantize(jax.random.normal(kw, (128, 256), jnp.float32), QuantConfig(bits=4, group_size=64))
+        x = jax.random.normal(kx, (16, 256), jnp.float32)
+        r = jax.random.normal(kr, (16, 128), jnp.float32)
+        w = _kernel_weights(qt)
+
+        def kernel(x):
+            return jnp.sum(pallas_kernels.qmatmul(x, w, platform=platform, interpret=interpret) * r)
+
+        def xla(x):
+            return jnp.sum(xla_matmul(x, qt) * r)
+
+        y_k = pallas_kernels.qmatmul(x, w, platform=platform, interpret=interpret)
+        y_x = xla_matmul(x, qt)
+        dx_k, dx_x = jax.grad(kernel)(x), jax.grad(xla)(x)
+        errs = {name: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+                for name, a, b in (("y", y_k, y_x), ("dx", dx_k, dx_x))}
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run the kernel means: do not trust it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return False, f"{type(e).__name__}: {first}"
+    bad = {k: v for k, v in errs.items() if not v <= SELF_CHECK_RTOL}
+    if bad:
+        return False, "relative error " + ", ".join(f"{k} {v:.2e}" for k, v in bad.items()) + (
+            f" > {SELF_CHECK_RTOL:g}")
+    return True, ""
 
 
 def kernel_supports(qt: QuantizedTensor) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import apiq_jax.data as D
-from apiq_jax.data import check_ids, load_ids, load_tokens, sample_windows, split_windows, tokenize, windows
+from apiq_jax.data import check_ids, load_ids, load_tokens, sample_windows, split_windows, windows
 from apiq_jax.demo_data import DEMO_MODEL_DIR
 
 
@@ -93,11 +93,12 @@ def test_load_tokens_errors(tmp_path):
         load_tokens(txt, tokenizer=DEMO_MODEL_DIR)
 
 
-def test_undecodable_bytes_are_replaced(tmp_path, tokenizer):
+def test_text_that_is_not_utf8_is_refused(tmp_path, tokenizer):
+    """Bytes that are not UTF-8 are refused with their offset (never silently replaced or guessed)."""
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"def f():\n    return 1 \xff\xfe\n" * 5)
-    expected = tokenize((b"def f():\n    return 1 \xff\xfe\n" * 5).decode("utf-8", errors="replace"), tokenizer)
-    np.testing.assert_array_equal(load_tokens(txt, tokenizer=tokenizer), expected)
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(byte 0xff at offset 22\)"):
+        load_tokens(txt, tokenizer=tokenizer)
 
 
 # --- check_ids ----------------------------------------------------------------------------------

@@ -61,12 +61,15 @@ class WorkDir:
         if not fp_file.exists():
             _atomic_write(fp_file, json.dumps(fingerprint, indent=2))
             return
-        old = json.loads(fp_file.read_text())
+        try:
+            old = json.loads(fp_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{fp_file} is corrupt ({e}); delete {self.path} to discard it and start over") from e
         if old != fingerprint:
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             raise ValueError(
-                f"work_dir {self.path} holds a different calibration run (differs in {diff}); "
-                "use a new work_dir or delete it to start over"
+                f"the work directory {self.path} holds a different calibration run (differs in: {', '.join(diff)}); "
+                f"re-run with the arguments it was started with, or delete {self.path} to start over"
             )
 
     def next_block(self) -> int:
@@ -116,7 +119,7 @@ class WorkDir:
         Returns:
           The restored state.
         """
-        return self.blocks.restore(i, template)
+        return self._restore(self.blocks, i, template)
 
     def restore_streams(self, i: int, template: Any) -> Any:
         """The streams saved after block ``i`` (the newest finished one).
@@ -128,7 +131,18 @@ class WorkDir:
         Returns:
           The restored streams.
         """
-        return self.streams.restore(i, template)
+        return self._restore(self.streams, i, template)
+
+    def _restore(self, ckpt: Checkpointer, i: int, template: Any) -> Any:
+        """Restore step ``i`` of ``ckpt``; a corrupt checkpoint becomes one error saying how to discard it."""
+        try:
+            return ckpt.restore(i, template)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full ")[0][:300]
+            raise ValueError(
+                f"the checkpoint {ckpt.directory / str(i)} of the work directory is corrupt "
+                f"({type(e).__name__}: {first}); delete {self.path} to discard it (or pass --overwrite) and start over"
+            ) from e
 
     def close(self) -> None:
         """Close the checkpointers.

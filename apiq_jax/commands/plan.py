@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from apiq_jax.commands.common import field_default, print_json
+from apiq_jax.commands.common import check_method_options, field_default, print_json
 from apiq_jax.models.hf_io import DTYPES
 
 NAME = "plan"
@@ -86,21 +86,13 @@ def run(args: argparse.Namespace) -> int:
         ValueError: an unknown method, bits the method does not take, or a non-positive size.
         FileNotFoundError: a missing ``--model``.
     """
-    from apiq_jax.calibration import METHODS, get_method
     from apiq_jax.lora import LoraConfig
     from apiq_jax.memory_plan import GiB, QuantizePlanInputs, plan_finetune, plan_quantize
     from apiq_jax.quant import QuantConfig
     from apiq_jax.training import FinetuneConfig
 
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is not supported; accepted: {', '.join(METHODS)}")
-    spec = get_method(args.method)
-    if args.bits not in spec.bits:
-        raise ValueError(f"--bits {args.bits} is not supported by --method {args.method}; accepted: "
-                         f"{', '.join(map(str, spec.bits))}")
-    for name in ("group_size", "rank", "nsamples", "seqlen", "batch_size", "grad_accum"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive integer")
+    spec = check_method_options(args.method, args.bits, {
+        name: getattr(args, name) for name in ("group_size", "rank", "nsamples", "seqlen", "batch_size", "grad_accum")})
     config, declared = _load_config(Path(args.model))
     dtype = args.dtype or declared
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=spec.default_scheme)

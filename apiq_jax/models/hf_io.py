@@ -172,6 +172,8 @@ def _weight_files(p: Path) -> dict[str, list[str] | None]:
         for key, fname in weight_map.items():
             files.setdefault(fname, []).append(key)
         for fname in files:
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", ".."):
+                raise ValueError(f"{index}: shard {fname!r} is not a file name inside {p}; paths are not followed")
             if not (p / fname).is_file():
                 raise FileNotFoundError(f"shard {p / fname} listed in {index} not found")
         return dict(files)
@@ -228,6 +230,10 @@ class LazyTensor:
                 arr = f.get_tensor(self.key)
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"cannot read tensor {self.key!r} from {self.path}: {e}") from e
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(f"{self.path}: tensor {self.key!r} holds {bad} NaN or inf values; the checkpoint is "
+                             "damaged (re-download or re-convert it)")
         return arr.astype(self.dtype, copy=False)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -265,6 +271,10 @@ def checkpoint_dtype(hf_config: Any) -> jnp.dtype:
         declared = hf_config.__dict__["torch_dtype"]
     name = str(declared).replace("torch.", "") if declared is not None else "float32"
     return jnp.dtype(name) if name in DTYPES else jnp.dtype(jnp.float32)
+
+
+#: safetensors dtypes a weight may be stored in
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
 def lazy_params(
@@ -321,6 +331,12 @@ def lazy_params(
                 if ours in flat:
                     raise ValueError(f"tensor {key!r} appears twice ({where[ours]} and {fname})")
                 shape = tuple(f.get_slice(key).get_shape())
+                stored = str(f.get_slice(key).get_dtype())
+                if stored not in _FLOAT_DTYPES:
+                    raise ValueError(
+                        f"{fpath}: tensor {key!r} is stored as {stored}; accepted: a floating dtype "
+                        f"({', '.join(sorted(_FLOAT_DTYPES))})"
+                    )
                 if shape != tuple(expected[ours]):
                     raise ValueError(
                         f"{fpath}: tensor {key!r} has shape {shape}, expected {tuple(expected[ours])} "
@@ -481,7 +497,7 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
     Args:
       src: the model directory to copy from.
-      dst: an existing directory to copy into.
+      dst: the directory to copy into (created when missing).
 
     Returns:
       The names of the files copied (those of :data:`TOKENIZER_FILES` present in ``src``).
@@ -490,6 +506,7 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
       FileNotFoundError: ``src`` is not a directory.
     """
     s = _check_dir(src)
+    Path(dst).mkdir(parents=True, exist_ok=True)
     copied = []
     for name in TOKENIZER_FILES:
         if (s / name).is_file():

@@ -45,7 +45,7 @@ import numpy as np
 
 from apiq_jax.lora import Lora, LoraConfig
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.hf_io import CONFIG_FILE, copy_tokenizer_files, load_hf_config
+from apiq_jax.models.hf_io import CONFIG_FILE, copy_tokenizer_files, load_config
 from apiq_jax.models.llama import Params, check_params, flatten_params, param_shapes, unflatten_params
 from apiq_jax.models.safetensors_io import (
     StagedFiles,
@@ -289,7 +289,7 @@ class QuantizedCheckpoint:
                 "the file is incomplete or not written by save_quantized"
             )
         self.path = p
-        self.model_config = ModelConfig.from_hf(load_hf_config(p))
+        self.model_config = load_config(p)  # errors name the config.json
         self.metadata: dict[str, Any] = dict(meta.get("metadata") or {})
         self._quantized: dict[str, dict[str, Any]] = quantized
         try:

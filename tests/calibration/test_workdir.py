@@ -130,5 +130,5 @@ def test_save_restore_and_stale_states(tmp_path):
     wd.save(1, _state(3.0), {"x": jnp.full(2, 3.0)}, BlockReport(1))  # redone
     np.testing.assert_array_equal(np.asarray(wd.restore_state(1, _state(0.0))["lora"]["a"]), 3.0)
     wd.close()
-    with pytest.raises(ValueError, match=r"differs in \['options'\]"):
+    with pytest.raises(ValueError, match=r"differs in: options\)"):
         WorkDir(tmp_path, {"method": "x", "options": {"epochs": 2}}, n_blocks=3)
