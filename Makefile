@@ -27,7 +27,8 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check apiq_jax pallas_kernels tests benchmarks scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/multidevice
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice
 
 bench: $(VENV)/.installed-demo
 	$(PY) benchmarks/quant_storage.py

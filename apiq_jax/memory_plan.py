@@ -251,7 +251,8 @@ def abstract_quantized_model(config: ModelConfig, quant_config: QuantConfig, lor
 
 
 def finetune_step_memory(config: ModelConfig, frozen: Any, lora: Lora, batch: int, seqlen: int,
-                         finetune_config: Any, *, baseline: bool = False, backend: str = "xla") -> dict[str, int]:
+                         finetune_config: Any, *, baseline: bool = False, backend: str = "xla",
+                         mesh: Any = None) -> dict[str, int]:
     """Compiled memory of one finetuning step (forward, backward, AdamW), as ``finetune`` runs it.
 
     Args:
@@ -264,6 +265,8 @@ def finetune_step_memory(config: ModelConfig, frozen: Any, lora: Lora, batch: in
       baseline: the step before the memory work (unrolled, no remat, float32, whole
         ``[B, H, S, S]`` attention and ``[B, S, V]`` logits at once).
       backend: qmatmul backend of the quantized linears.
+      mesh: compile the sharded step for this :func:`apiq_jax.sharding.make_mesh` mesh (the
+        sizes are then per device); None: one device.
 
     Returns:
       ``{"temp", "argument", "output", "total"}`` bytes from ``compile().memory_analysis()``.
@@ -280,7 +283,7 @@ def finetune_step_memory(config: ModelConfig, frozen: Any, lora: Lora, batch: in
 
         step = make_train_step(config, opt, loss, finetune_config=fc)
     else:
-        step = make_train_step(config, opt, backend=backend, finetune_config=fc)
+        step = make_train_step(config, opt, backend=backend, finetune_config=fc, mesh=mesh)
         frozen = jax.eval_shape(lambda f: cast_params(f, fc.dtype), frozen)
         if fc.scans:  # what finetune() does: the layers stacked once, outside the step
             frozen = jax.eval_shape(stack_layers, frozen)

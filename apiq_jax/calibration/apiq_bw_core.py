@@ -18,7 +18,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+import apiq_jax.sharding as sharding
 from apiq_jax.calibration.adamw import run_epochs
 from apiq_jax.calibration.blocks import fake_quant_layer
 from apiq_jax.calibration.options import ApiQOptions
@@ -63,6 +65,27 @@ def bw_block_loss(
     return l1 + l2, jnp.stack([l1, l2])
 
 
+def _batch_split(batch_size: int) -> PartitionSpec | None:
+    """Data parallelism of the block's training over the mesh set by :func:`jax.set_mesh` (traced).
+
+    Each batch's ``batch_size`` samples are split over ``("data", "fsdp")`` (or ``"data"``)
+    when it is a multiple of the ``"data"`` axis: every device computes the loss of its own
+    samples and the compiler sums the gradients. Otherwise (the reference's
+    ``batch_size=1``: one sample per step, nothing to split without changing the algorithm)
+    the step runs replicated.
+
+    Returns:
+      The spec of the batched caches ``[n_batches, batch_size, ...]``, or None.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names:
+        return None
+    try:
+        return PartitionSpec(None, *sharding.batch_spec(mesh, batch_size))
+    except ValueError:
+        return None
+
+
 @partial(jax.jit, static_argnames=("config", "qcfg", "opts", "layer_idx"))
 def train_block_bw(
     layer: Mapping[str, Any], train0: Mapping[str, Any], x_q: jnp.ndarray, t1: jnp.ndarray, t2: jnp.ndarray | None,
@@ -88,9 +111,13 @@ def train_block_bw(
     """
     bs = opts.batch_size
     nb = x_q.shape[0] // bs
+    split = _batch_split(bs)
 
     def batched(x):
-        return None if x is None else x.reshape(nb, bs, *x.shape[1:])
+        if x is None:
+            return None
+        x = x.reshape(nb, bs, *x.shape[1:])
+        return x if split is None else jax.lax.with_sharding_constraint(x, split)
 
     def loss_fn(train, batch):
         # one batch of the (possibly 16-bit) caches at a time, in float32 like the block's weights

@@ -1,7 +1,10 @@
 """One decoder block at a time: embeddings, running a block over the calibration set, freezing.
 
 * :func:`embed_ids` / :func:`run_block`: the start of every activation stream and one block
-  applied to all samples (batch 1 each, one compiled program for same-shaped blocks).
+  applied to all samples (batch 1 each, one compiled program for same-shaped blocks). Under
+  :func:`jax.set_mesh` the streams are split over the devices by samples
+  (:func:`apiq_jax.sharding.batch_spec`) and every device runs its own samples' loop; the
+  results are the same as on one device.
 * :func:`freeze_layer`: the one route from a layer's dense linears to QuantizedTensor leaves
   (:func:`apiq_jax.quant.quantize`, with learned :class:`~apiq_jax.quant.ClipLogits` where
   given). Every method quantizes each linear exactly once through it (GPTQ, which picks its
@@ -20,7 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+import apiq_jax.sharding as sharding
 from apiq_jax.lora import LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward, embed
@@ -49,7 +54,50 @@ def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.n
     """
     table = params["embed_tokens"]
     table = table if isinstance(table, QuantizedTensor) else jnp.asarray(table)  # reads a lazy table
-    return _embed_jit({"embed_tokens": table}, jnp.asarray(ids, jnp.int32), config)
+    x0 = _embed_jit({"embed_tokens": table}, jnp.asarray(ids, jnp.int32), config)
+    split = samples_sharding(x0.shape[0])
+    return x0 if split is None else jax.device_put(x0, split)
+
+
+def samples_sharding(n: int) -> NamedSharding | None:
+    """How ``n`` calibration samples are split over the mesh set by :func:`jax.set_mesh`, if any.
+
+    Args:
+      n: the number of samples.
+
+    Returns:
+      A NamedSharding of the sample axis over ``("data", "fsdp")`` (or ``"data"``), or None
+      without a mesh of more than one device, or when ``n`` is not a multiple of its
+      ``"data"`` axis (the streams then stay on one device).
+    """
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names:
+        return None
+    try:
+        return NamedSharding(mesh, sharding.batch_spec(mesh, n))
+    except ValueError:
+        return None
+
+
+def _groups(xs: Any) -> tuple[int, NamedSharding | None]:
+    """``(devices splitting xs's samples, the sharding of a leading group axis)``; ``(1, None)`` when not split."""
+    sh = getattr(xs, "sharding", None)
+    if not isinstance(sh, NamedSharding) or not len(sh.spec) or sh.spec[0] is None:
+        return 1, None
+    return xs.shape[0] // sh.shard_shape(xs.shape)[0], NamedSharding(sh.mesh, PartitionSpec(sh.spec[0]))
+
+
+def _split_samples(fn: Any, xs: jnp.ndarray, *others: Any, groups: int, axes: Any) -> Any:
+    """``fn(xs, *others)`` run as ``groups`` independent sample loops, one per device (vmapped over groups).
+
+    ``axes`` is the NamedSharding of the leading group axis (from :func:`_groups`).
+    """
+    def grouped(x: Any) -> Any:
+        if x is None:
+            return None
+        g = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(g, axes)
+    return jax.vmap(fn)(grouped(xs), *(grouped(o) for o in others))
 
 
 def _block_fn(layer_params: Mapping[str, Any], config: ModelConfig, lora: Lora | None,
@@ -79,8 +127,17 @@ def _run_block(layer_params, xs, config, lora=None, layer_idx=None):
     return jax.lax.fori_loop(0, xs.shape[0], body, xs)
 
 
+def _run_block_split(layer_params, xs, config, lora=None, layer_idx=None, groups=1, axes=None):
+    """:func:`_run_block` with the samples split in ``groups`` over the mesh axes ``axes``."""
+    out = _split_samples(lambda x: _run_block(layer_params, x, config, lora, layer_idx), xs, groups=groups, axes=axes)
+    return out.reshape(xs.shape)
+
+
 _run_block_jit = jax.jit(_run_block, static_argnames=("config", "layer_idx"))
 _run_block_donating = jax.jit(_run_block, static_argnames=("config", "layer_idx"), donate_argnames=("xs",))
+_SPLIT_STATIC = ("config", "layer_idx", "groups", "axes")
+_run_block_split_jit = jax.jit(_run_block_split, static_argnames=_SPLIT_STATIC)
+_run_block_split_donating = jax.jit(_run_block_split, static_argnames=_SPLIT_STATIC, donate_argnames=("xs",))
 
 
 def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, lora: Lora | None = None,
@@ -103,11 +160,14 @@ def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelCon
     Returns:
       The block outputs ``[n, seqlen, D]`` in ``xs``'s dtype.
     """
+    groups, axes = _groups(xs)
+    if groups > 1:  # samples split over the mesh: one loop per device
+        fn = _run_block_split_donating if consume else _run_block_split_jit
+        return fn(layer_params, xs, config, lora, layer_idx=layer_idx, groups=groups, axes=axes)
     fn = _run_block_donating if consume else _run_block_jit
     return fn(layer_params, xs, config, lora, layer_idx=layer_idx)
 
 
-@partial(jax.jit, static_argnames=("config", "layer_idx"))
 def _error_sums(layer_params, xs, targets, config, lora=None, layer_idx=None):
     one = _block_fn(layer_params, config, lora, layer_idx)
 
@@ -117,6 +177,15 @@ def _error_sums(layer_params, xs, targets, config, lora=None, layer_idx=None):
         return acc.at[:, i].set(jnp.stack([jnp.sum((t - y) ** 2), jnp.sum(t * t)]))
 
     return jax.lax.fori_loop(0, xs.shape[0], body, jnp.zeros((2, xs.shape[0]), jnp.float32))
+
+
+@partial(jax.jit, static_argnames=("config", "layer_idx", "groups", "axes"))
+def _error_sums_jit(layer_params, xs, targets, config, lora=None, layer_idx=None, groups=1, axes=None):
+    if groups == 1:
+        return _error_sums(layer_params, xs, targets, config, lora, layer_idx)
+    sums = _split_samples(lambda x, t: _error_sums(layer_params, x, t, config, lora, layer_idx), xs, targets,
+                          groups=groups, axes=axes)  # [groups, 2, n / groups]
+    return jnp.moveaxis(sums, 0, 1).reshape(2, xs.shape[0])
 
 
 @jax.jit
@@ -151,7 +220,9 @@ def block_error(layer_params: Mapping[str, Any], xs: jnp.ndarray, targets: jnp.n
     Returns:
       The relative squared error as a Python float.
     """
-    return _ratio(_error_sums(layer_params, xs, targets, config, lora, layer_idx=layer_idx))
+    groups, axes = _groups(xs)
+    return _ratio(_error_sums_jit(layer_params, xs, targets, config, lora, layer_idx=layer_idx, groups=groups,
+                                  axes=axes))
 
 
 def stream_error(targets: jnp.ndarray, ys: jnp.ndarray) -> float:

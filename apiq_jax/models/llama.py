@@ -52,6 +52,7 @@ from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qmatmul import default_backend, qmatmul
 from apiq_jax.quant import QuantizedTensor, dequantize
+from apiq_jax.sharding import gather_layer
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 #: ``attention(impl=...)``: "auto" (plain while the scores fit in one block, chunked beyond), "plain", "chunked"
@@ -658,6 +659,7 @@ def block_forward(
 
 
 def _block(p, x, config, lora, cos, sin, mask, backend, impl="auto"):
+    p, lora = gather_layer((p, lora))  # FSDP: this layer's weights whole on every device, here only
     h = rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
     x = x + attention(p, h, config, cos=cos, sin=sin, mask=mask, lora=lora, backend=backend, impl=impl)
     h = rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
