@@ -18,6 +18,8 @@ describes the layers and the data model):
   :class:`MethodSpec` and :func:`get_method`;
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`perplexity_ids`,
   :func:`activation_errors`;
+* generation (:mod:`apiq_jax.generation`): :func:`generate` (KV cache, greedy or sampled)
+  and its :class:`GenerationResult`;
 * finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune` (LoRA, or
   any pytree with a ``loss_fn``: a soft prompt from :mod:`apiq_jax.prompt_tuning`,
   bottleneck adapters from :mod:`apiq_jax.adapters`);
@@ -37,6 +39,7 @@ from apiq_jax.calibration import (
     MethodSpec,
     apiq_bw,
     apiq_lw,
+    cloq_init,
     get_method,
     gptq_init,
     loftq_init,
@@ -45,6 +48,7 @@ from apiq_jax.calibration import (
 )
 from apiq_jax.data import load_tokenizer, windows
 from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
+from apiq_jax.generation import GenerationResult, generate
 from apiq_jax.lora import Lora, LoraConfig, init_lora, lora_from_factors, merge_lora
 from apiq_jax.models import (
     LlamaForCausalLM,
@@ -81,9 +85,11 @@ __all__ = [
     "Lora", "LoraConfig", "init_lora", "lora_from_factors", "merge_lora",
     # calibration
     "METHODS", "ApiQOptions", "CalibrationReport", "CalibrationResult", "MethodSpec", "apiq_bw", "apiq_lw",
-    "get_method", "gptq_init", "loftq_init", "qlora_init", "rtn_init",
+    "cloq_init", "get_method", "gptq_init", "loftq_init", "qlora_init", "rtn_init",
     # evaluation and finetuning
     "FinetuneConfig", "activation_errors", "finetune", "perplexity", "perplexity_ids",
+    # generation
+    "GenerationResult", "generate",
     # other PEFT methods and QAT
     "adapter_forward", "adapter_loss_fn", "init_adapters", "init_prompt", "prompt_forward", "prompt_loss_fn",
     "qat_freeze", "qat_loss_fn", "qat_optimizer", "qat_split",

@@ -27,8 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+import apiq_jax.sharding as sharding
 from apiq_jax.data import check_ids, split_windows, tokenize
 from apiq_jax.lora import Lora
 from apiq_jax.models import llama
@@ -137,6 +139,7 @@ def perplexity_ids(
     seqlen: int | None = None,
     backend: str | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> PerplexityResult:
     """Row-wise perplexity of token ids ``[n, seqlen]``.
 
@@ -153,6 +156,10 @@ def perplexity_ids(
       seqlen: window length for 1-D ids (must equal the row length for 2-D ids).
       backend: qmatmul backend of quantized linears (None: the default).
       progress: a tqdm bar over the batches.
+      mesh: score sharded on this mesh (:func:`apiq_jax.sharding.make_mesh`): the params and
+        LoRA placed by :func:`apiq_jax.sharding.place`, each batch split over the devices
+        (the batch size rounded up to a multiple of the mesh's size, padding rows weighted 0).
+        None: the default device.
 
     Returns:
       A :class:`PerplexityResult`.
@@ -177,6 +184,9 @@ def perplexity_ids(
     n, length = arr.shape
     bs = min(batch_size, n)
     backend = backend or default_backend()
+    if mesh is not None:
+        bs = -(-bs // mesh.size) * mesh.size
+        params, lora = sharding.place(params, mesh), (None if lora is None else sharding.place(lora, mesh))
     start = time.perf_counter()
     total = 0.0
     for i in tqdm(range(0, n, bs), desc="eval", unit="batch", disable=not progress, leave=False):
@@ -185,7 +195,11 @@ def perplexity_ids(
         if chunk.shape[0] < bs:
             weight[chunk.shape[0]:] = 0.0
             chunk = np.concatenate([chunk, np.zeros((bs - chunk.shape[0], length), np.int32)])
-        total += float(nll_sums(params, lora, jnp.asarray(chunk), jnp.asarray(weight), cfg, backend))
+        if mesh is None:
+            chunk, weight = jnp.asarray(chunk), jnp.asarray(weight)
+        else:
+            chunk, weight = sharding.place_batch(chunk, mesh), sharding.place_batch(weight, mesh)
+        total += float(nll_sums(params, lora, chunk, weight, cfg, backend))
     seconds = time.perf_counter() - start
     tokens = n * (length - 1)
     mean = total / tokens
@@ -308,9 +322,11 @@ def activation_errors(
       One relative error per decoder block.
 
     Raises:
-      ValueError: a params pytree without ``config``, or ids that are not ``[n, seqlen >= 2]``
-        integers in ``[0, vocab_size)``.
+      ValueError: a params pytree without ``config``, ids that are not ``[n, seqlen >= 2]``
+        integers in ``[0, vocab_size)``, or a ``batch_size`` that is not a positive int.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     fp_params, cfg = _resolve(fp_model, config)
     q_params, _ = _resolve(q_model, cfg)
     arr = _check_rows(ids, cfg.vocab_size)

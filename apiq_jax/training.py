@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+import apiq_jax.sharding as sharding
 from apiq_jax.checkpoint import Checkpointer
 from apiq_jax.data import check_ids
 from apiq_jax.lora import Lora
@@ -293,6 +295,7 @@ def make_train_step(
     *,
     backend: str | None = None,
     finetune_config: FinetuneConfig | None = None,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[Any, Any, jnp.ndarray]]:
     """A jitted ``step(frozen, trainable, opt_state, ids) -> (trainable, opt_state, loss)``.
 
@@ -310,6 +313,13 @@ def make_train_step(
       backend: qmatmul backend used by the default loss.
       finetune_config: ``dtype``, ``remat`` and ``grad_accum`` (default
         :class:`FinetuneConfig`'s).
+      mesh: a :func:`apiq_jax.sharding.make_mesh` mesh, or None (one device). With a mesh
+        the step is jitted with explicit in/out shardings from
+        :func:`apiq_jax.sharding.tree_shardings` (parameters, LoRA and optimizer state split
+        over ``"fsdp"``, the batch over ``("data", "fsdp")``, the loss replicated); the
+        arguments should be placed accordingly (:func:`apiq_jax.sharding.place`,
+        :func:`apiq_jax.sharding.place_batch`). The compiler inserts the gathers of each
+        layer's weights and the reduction of the gradients.
 
     Returns:
       The jitted step (gradients with respect to ``trainable`` only; ``ids``' batch size
@@ -331,7 +341,6 @@ def make_train_step(
         loss, grads = jax.value_and_grad(lambda f, t, i: loss_fn(f, t, i) * scale, argnums=1)(frozen, trainable, ids)
         return loss / scale, jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
 
-    @jax.jit
     def step(frozen, trainable, opt_state, ids):
         if accum == 1:
             loss, grads = value_and_grad(frozen, trainable, ids)
@@ -349,7 +358,37 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return step
+    return jax.jit(step) if mesh is None else _sharded_step(step, mesh)
+
+
+def _sharded_step(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``step`` jitted with the shardings of its arguments' trees on ``mesh`` (one program per tree shape).
+
+    The returned function also has ``.lower(frozen, trainable, opt_state, ids)`` (arrays or
+    ``jax.ShapeDtypeStruct``) for ``compile().memory_analysis()`` per device.
+    """
+    programs: dict[Any, Any] = {}
+
+    def program(frozen, trainable, opt_state, ids):
+        key = (jax.tree.structure((frozen, trainable, opt_state)), tuple(ids.shape))
+        if key not in programs:
+            shardings = (sharding.tree_shardings(frozen, mesh), sharding.tree_shardings(trainable, mesh),
+                         sharding.tree_shardings(opt_state, mesh),
+                         NamedSharding(mesh, sharding.batch_spec(mesh, ids.shape[0])))
+            programs[key] = jax.jit(step, in_shardings=shardings,
+                                    out_shardings=(shardings[1], shardings[2], sharding.replicated(mesh)))
+        return programs[key]
+
+    def run(frozen, trainable, opt_state, ids):
+        with jax.set_mesh(mesh):  # the mesh sharding.gather_layer constrains the layers on
+            return program(frozen, trainable, opt_state, ids)(frozen, trainable, opt_state, ids)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return program(*args).lower(*args)
+
+    run.lower = lower
+    return run
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -388,6 +427,7 @@ def finetune(
     loss_fn: LossFn | None = None,
     optimizer: optax.GradientTransformation | None = None,
     backend: str | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Any, list[float]]:
     """Train ``lora`` on token windows ``train_ids [n, seqlen]``.
 
@@ -413,9 +453,17 @@ def finetune(
         :func:`apiq_jax.prompt_tuning.prompt_loss_fn`).
       optimizer: replaces :func:`make_optimizer` (e.g. :func:`apiq_jax.qat.qat_optimizer`).
       backend: qmatmul backend of quantized linears (None: the default).
+      mesh: run sharded on this mesh (:func:`apiq_jax.sharding.make_mesh`): the frozen
+        params, the trainable tree and the optimizer state are placed by
+        :func:`apiq_jax.sharding.place`, each batch by
+        :func:`apiq_jax.sharding.place_batch` (a process reads only its devices' rows),
+        and checkpoints are written by every process with orbax's multi-process support.
+        None: the default device. ``batch_size / grad_accum`` must then be a multiple of
+        the mesh's ``"data"`` axis.
 
     Returns:
-      ``(trained, losses)``: the trained pytree and the loss of every step.
+      ``(trained, losses)``: the trained pytree and the loss of every step (with a mesh,
+      the trained tree is sharded like the LoRA: :func:`apiq_jax.sharding.to_host` gathers it).
 
     Example:
       >>> import jax
@@ -439,22 +487,34 @@ def finetune(
         raise ValueError(f"grad_accum={cfg.grad_accum} must divide batch_size={cfg.batch_size}")
     check_ids(ids, config.vocab_size)
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
-    step_fn = make_train_step(config, optimizer, loss_fn, backend=backend, finetune_config=cfg)
+    if mesh is not None:
+        sharding.batch_spec(mesh, cfg.batch_size // cfg.grad_accum)  # checks the data axis divides a micro-batch
+    step_fn = make_train_step(config, optimizer, loss_fn, backend=backend, finetune_config=cfg, mesh=mesh)
     compute = cast_params(frozen, cfg.dtype)
     stacked = loss_fn is None and cfg.scans and isinstance(lora, Lora) and _stackable(compute)
     if stacked:
         compute = stack_layers(compute)
-    state = {"lora": lora, "opt_state": optimizer.init(_stacked(lora, stacked)), "step": jnp.int32(0),
-             "losses": jnp.zeros((cfg.steps,), jnp.float32)}
+    if mesh is not None:
+        compute, lora = sharding.place(compute, mesh), sharding.place(lora, mesh)
+    # counters replicated on the mesh: every array a checkpoint holds is then a global one
+    counters = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, sharding.replicated(mesh)))
+    state = {"lora": lora, "opt_state": optimizer.init(_stacked(lora, stacked)), "step": counters(jnp.int32(0)),
+             "losses": counters(jnp.zeros((cfg.steps,), jnp.float32))}
+    if mesh is not None:
+        state["opt_state"] = sharding.place(state["opt_state"], mesh)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.latest_step() is not None:
-        state = ckpt.restore(ckpt.latest_step(), _unstacked(state))
+        state = restore_checkpoint(ckpt, ckpt.latest_step(), _unstacked(state))
     start = int(state["step"])
     trainable, opt_state = _stacked(state["lora"], stacked), _stacked(state["opt_state"], stacked)
     losses = np.asarray(state["losses"]).copy()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        batch = jnp.asarray(ids[batch_indices(len(ids), cfg.batch_size, step, cfg.seed)], jnp.int32)
+        rows = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
+        if mesh is None:
+            batch = jnp.asarray(ids[rows], jnp.int32)
+        else:
+            batch = sharding.place_batch(_Rows(ids, rows), mesh)
         trainable, opt_state, loss = step_fn(compute, trainable, opt_state, batch)
         losses[step] = float(loss)
         bar.set_postfix(loss=f"{losses[step]:.4f}")
@@ -462,11 +522,48 @@ def finetune(
         if ckpt is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             # saved with a "layers" list whatever the compute form, so checkpoints do not
             # depend on scan_layers
-            ckpt.save(done, _unstacked({"lora": trainable, "opt_state": opt_state, "step": jnp.int32(done),
-                                        "losses": jnp.asarray(losses)}))
+            ckpt.save(done, _unstacked({"lora": trainable, "opt_state": opt_state, "step": counters(jnp.int32(done)),
+                                        "losses": counters(jnp.asarray(losses))}))
     if ckpt is not None:
         ckpt.close()
     return _unstacked(trainable), [float(x) for x in losses]
+
+
+class _Rows:
+    """``ids[rows]`` as int32, read lazily: indexing reads only the rows a process needs."""
+
+    def __init__(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self.ids, self.rows = ids, rows
+        self.shape = (len(rows), *ids.shape[1:])
+
+    def __getitem__(self, idx: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.ids[self.rows[idx[0]]], np.int32)[(slice(None), *idx[1:])]
+
+
+def restore_checkpoint(ckpt: Checkpointer, step: int, template: Any) -> Any:
+    """Restore ``step`` of ``ckpt`` into ``template``; an unreadable or mismatched checkpoint is one clear error.
+
+    Args:
+      ckpt: the checkpointer.
+      step: the step to restore.
+      template: the state pytree to restore into.
+
+    Returns:
+      The restored state.
+
+    Raises:
+      ValueError: the checkpoint is corrupt, or was saved by a run with other settings
+        (other steps, rank, model); the message says how to discard it.
+    """
+    try:
+        return ckpt.restore(step, template)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full ")[0][:300]
+        raise ValueError(
+            f"the training checkpoint {ckpt.directory / str(step)} cannot be restored (corrupt, or saved by a run "
+            f"with other settings): {type(e).__name__}: {first}; delete {ckpt.directory} to discard it and "
+            "start training over"
+        ) from e
 
 
 def _stackable(params: Mapping[str, Any]) -> bool:

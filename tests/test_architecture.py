@@ -15,13 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"apiq_jax.quant"}
 QMATMUL = BASE | {"apiq_jax.qmatmul"}  # the one module that knows the kernels
-LEAVES = {"apiq_jax.lora", "apiq_jax.data", "apiq_jax.checkpoint", "apiq_jax.plotting"}
+LEAVES = {"apiq_jax.lora", "apiq_jax.data", "apiq_jax.checkpoint", "apiq_jax.plotting", "apiq_jax.sharding"}
 MODELS = QMATMUL | LEAVES | {"apiq_jax.models"}
 EVALUATE = MODELS | {"apiq_jax.evaluate"}
 CALIBRATION = EVALUATE | {"apiq_jax.calibration"}
 TRAINING = CALIBRATION | {"apiq_jax.training"}
 PEFT = TRAINING | {"apiq_jax.adapters", "apiq_jax.prompt_tuning", "apiq_jax.qat"}
-HARNESS = PEFT | {"apiq_jax.compare", "apiq_jax.demo_data", "apiq_jax.memory_plan"}
+GENERATION = MODELS | {"apiq_jax.generation"}  # KV-cached decoding on the model's functions
+INTEROP = MODELS | {"apiq_jax.interop"}  # export/import of peft, merged and GPTQ checkpoints
+HARNESS = PEFT | {"apiq_jax.compare", "apiq_jax.demo_data", "apiq_jax.memory_plan", "apiq_jax.generation",
+                  "apiq_jax.interop"}
 
 #: package or module -> what its code may import (besides itself and the standard/third-party world)
 ALLOWED: dict[str, set[str]] = {
@@ -31,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "apiq_jax.lora": BASE | {"apiq_jax.lora"},
     "apiq_jax.data": {"apiq_jax.data"},
     "apiq_jax.checkpoint": {"apiq_jax.checkpoint"},
+    "apiq_jax.sharding": BASE | {"apiq_jax.lora", "apiq_jax.sharding"},  # mesh + placement rules of the trees
     "apiq_jax.plotting": {"apiq_jax.plotting"},
     "apiq_jax.models": MODELS,
     "apiq_jax.evaluate": EVALUATE,
@@ -42,6 +46,8 @@ ALLOWED: dict[str, set[str]] = {
     "apiq_jax.demo_data": {"apiq_jax.demo_data"},
     "apiq_jax.compare": HARNESS,
     "apiq_jax.memory_plan": HARNESS,
+    "apiq_jax.generation": GENERATION,
+    "apiq_jax.interop": INTEROP,
     "apiq_jax.commands": HARNESS | {"apiq_jax.commands", "apiq_jax"},
     "apiq_jax.cli": {"apiq_jax.commands", "apiq_jax"},
 }

@@ -18,6 +18,8 @@ from typing import Any
 from apiq_jax.commands.common import (
     DEFAULT_SEQLEN,
     add_backend_argument,
+    add_mesh_arguments,
+    command_mesh,
     compute_backend,
     load_token_data,
     print_json,
@@ -63,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model (default: the dtype it was saved in); the loss is always float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_argument(p)
+    add_mesh_arguments(p)
 
 
 def load_eval_model(model_dir: Path, dtype: str | None) -> dict[str, Any]:
@@ -79,6 +82,7 @@ def load_eval_model(model_dir: Path, dtype: str | None) -> dict[str, Any]:
     Raises:
         FileNotFoundError: ``model_dir`` is missing or not a directory.
     """
+    from apiq_jax.commands.outputs import check_finished
     from apiq_jax.models import is_quantized_dir, load_pretrained, load_quantized
     from apiq_jax.models.llama import cast_params
 
@@ -86,6 +90,7 @@ def load_eval_model(model_dir: Path, dtype: str | None) -> dict[str, Any]:
         raise FileNotFoundError(f"--model {model_dir}: directory not found")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: not a directory (expected an HF or quantized model dir)")
+    check_finished(model_dir)
     if is_quantized_dir(model_dir):
         frozen, lora, cfg, _ = load_quantized(model_dir)
         frozen = frozen if dtype is None else cast_params(frozen, dtype)
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from apiq_jax.evaluate import perplexity_ids
 
+    mesh = command_mesh(args)  # first: jax.distributed starts before any computation
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size {args.batch_size} must be positive")
     if args.seqlen is not None and args.seqlen < 2:
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     backend, prepare = compute_backend(args.backend)
     res = perplexity_ids(
         prepare(m["params"]), ids, config=m["config"], lora=m["lora"], batch_size=args.batch_size,
-        backend=backend, progress=not args.quiet,
+        backend=backend, progress=not args.quiet, mesh=mesh,
     )
     print_json({
         "perplexity": res.perplexity,

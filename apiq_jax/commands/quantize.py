@@ -1,8 +1,9 @@
 """``apiq-jax quantize``: calibrate a Hugging Face model with one method and save it.
 
-    apiq-jax quantize --model HF_DIR --method {apiq-bw,apiq-lw,loftq,qlora,rtn,gptq}
+    apiq-jax quantize --model HF_DIR --method {apiq-bw,apiq-lw,loftq,cloq,qlora,rtn,gptq}
         --bits {2,3,4} --group-size N --rank R --alpha A --calib FILE
         [--epochs E] [--seed S] [--nsamples N --seqlen L] [--scheme S] [--num-iter T]
+        [--lora-init {default,loftq,cloq}]
         --out OUT
 
 See :data:`DESCRIPTION` (the ``--help`` text) for the data and output formats.
@@ -11,16 +12,28 @@ See :data:`DESCRIPTION` (the ``--help`` text) for the data and output formats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apiq_jax.calibration import METHODS, ApiQOptions, get_method
-from apiq_jax.commands.common import DEFAULT_SEQLEN, field_default, print_json
+from apiq_jax.calibration import LORA_INITS, METHODS, ApiQOptions, get_method
+from apiq_jax.commands.common import (
+    DEFAULT_SEQLEN,
+    add_mesh_arguments,
+    check_method_options,
+    check_seqlen,
+    command_mesh,
+    field_default,
+    print_json,
+    unwise_option_warnings,
+    warn,
+)
 from apiq_jax.models.hf_io import DTYPES
 from apiq_jax.models.safetensors_io import parse_size
 from apiq_jax.quant.config import SCHEMES
@@ -45,7 +58,11 @@ interrupted command with the same arguments continues after the last finished bl
 OUT is written with apiq_jax.models.save_quantized (bit-packed frozen weights, LoRA
 factors, metadata JSON, tokenizer files) plus the calibration report (report.json,
 report.png); apiq-jax eval --model OUT reads it. The last stdout line is one JSON
-object with the run's summary.
+object with the run's summary. OUT is refused when it is, lies in or holds --model,
+already holds a finished model, or is a non-empty directory of something else
+(--overwrite allows the last two); it is locked while the command runs and marked
+finished only by the run's last write (OUT/.apiq-jax-run.json). Ctrl-C exits with
+status 130 and says from which block a re-run resumes.
 """
 
 #: calibration windows drawn from text / 1-D ids when --nsamples is not given
@@ -94,10 +111,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dtype", default=None, choices=DTYPES,
                    help="dtype of the [nsamples, seqlen, hidden] activation caches of ApiQ (default: --dtype); "
                         "float32 is exact, 16-bit halves their memory")
+    p.add_argument("--lora-init", default=None, choices=LORA_INITS,
+                   help="apiq-bw/apiq-lw: where each block's LoRA starts: default (the reference's QLoRA init), "
+                        "loftq or cloq (fitted in closed form to the block's quantization error; cloq weights it "
+                        "by the calibration activations) (default: default)")
     p.add_argument("--max-shard-size", default="2GB",
                    help="largest frozen-weights file of OUT, e.g. 2GB, 500MB (default 2GB; more files and an "
                         "index JSON when the model is bigger, as Hugging Face shards)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished OUT, an interrupted run with other arguments, or write into a non-empty "
+                        "directory (refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_mesh_arguments(p, processes=False)
 
 
 # --- calibration data -------------------------------------------------------------------------
@@ -145,6 +170,8 @@ def load_calibration(
     from apiq_jax import data as D
 
     name = f"--calib {path}"
+    if D.data_suffix(path, name=name) == ".txt":
+        D.check_tokenizer_vocab(model_dir, vocab_size)
     ids = D.load_tokens(path, tokenizer=model_dir, name=name)
     try:
         D.check_ids(ids, vocab_size)
@@ -156,6 +183,7 @@ def load_calibration(
                 f"--seqlen {seqlen} exceeds the row length {ids.shape[1]} of {path}; accepted: "
                 f"--seqlen <= {ids.shape[1]}"
             )
+        check_seqlen(seqlen or ids.shape[1], max_len, "--seqlen" if seqlen else f"the row length of {path}")
         rows = ids.shape[0] if nsamples is None else nsamples
         if rows > ids.shape[0]:
             raise ValueError(
@@ -164,7 +192,12 @@ def load_calibration(
         return D.windows(ids, seqlen=seqlen or ids.shape[1], nsamples=rows)
     n = DEFAULT_NSAMPLES if nsamples is None else nsamples
     length = seqlen if seqlen is not None else min(DEFAULT_SEQLEN, max_len, ids.size)
-    return D.sample_windows(ids, n, length, seed=seed, name=name)
+    windows = D.sample_windows(ids, n, length, seed=seed, name=name)  # first: a stream shorter than one window
+    check_seqlen(length, max_len)
+    if n * length > ids.size:
+        warn(NAME, f"--nsamples {n} windows of {length} tokens need {n * length} tokens; {name} holds {ids.size}, "
+                   f"so the windows overlap (at most {ids.size // length} are disjoint)")
+    return windows
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -180,23 +213,13 @@ def check_args(args: argparse.Namespace) -> str:
     Raises:
         ValueError: an unsupported combination or value, naming the flag.
     """
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is not supported; accepted: {', '.join(METHODS)}")
-    spec = get_method(args.method)
-    if args.bits not in spec.bits:
-        raise ValueError(
-            f"--bits {args.bits} is not supported by --method {args.method}; accepted: "
-            f"{', '.join(map(str, spec.bits))}"
-        )
+    spec = check_method_options(args.method, args.bits,
+                                {name: getattr(args, name) for name in ("group_size", "rank", "nsamples", "seqlen")})
     scheme = args.scheme or spec.default_scheme
     if scheme not in spec.schemes:
         raise ValueError(
             f"--scheme {scheme} is not supported by --method {args.method}; accepted: {', '.join(spec.schemes)}"
         )
-    for name in ("group_size", "rank", "nsamples", "seqlen"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {v} must be a positive integer")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise ValueError(f"--alpha {args.alpha} must be a positive number")
     if args.epochs is not None:
@@ -204,6 +227,8 @@ def check_args(args: argparse.Namespace) -> str:
             raise ValueError(f"--epochs applies to {_training()} only, not --method {args.method}")
         if args.epochs < 0:
             raise ValueError(f"--epochs {args.epochs} must be >= 0")
+    if getattr(args, "lora_init", None) is not None and not spec.trains:
+        raise ValueError(f"--lora-init applies to {_training()} only, not --method {args.method}")
     try:
         parse_size(args.max_shard_size)
     except ValueError as e:
@@ -223,7 +248,7 @@ def _training() -> str:
 
 def method_options(
     method: str, epochs: int | None, num_iter: int | None, progress: bool, work_dir: Path | None = None,
-    cache_dtype: str | None = None,
+    cache_dtype: str | None = None, lora_init: str | None = None,
 ) -> dict[str, Any]:
     """Keyword options for the calibration function of ``method``.
 
@@ -237,6 +262,7 @@ def method_options(
         progress: show progress bars.
         work_dir: checkpoint directory of ApiQ runs.
         cache_dtype: dtype of ApiQ's activation caches (None: the model's).
+        lora_init: ApiQ's LoRA starting point (``--lora-init``; None: the default).
 
     Returns:
         Keyword arguments for ``get_method(method).fn``.
@@ -246,7 +272,7 @@ def method_options(
     if "work_dir" in defaults and work_dir is not None:
         opts["work_dir"] = work_dir
     if "options" in defaults:
-        fields = {"epochs": epochs, "cache_dtype": cache_dtype}
+        fields = {"epochs": epochs, "cache_dtype": cache_dtype, "lora_init": lora_init}
         fields = {k: v for k, v in fields.items() if v is not None}
         if fields:
             opts["options"] = ApiQOptions(**fields)
@@ -257,6 +283,7 @@ def method_options(
 
 def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """``(--model, --out)`` as paths, after checking that they can be read and written."""
+    from apiq_jax.commands.outputs import check_paths
     from apiq_jax.models import is_quantized_dir
 
     model_dir = Path(args.model)
@@ -265,9 +292,22 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if is_quantized_dir(model_dir):
         raise ValueError(f"--model {model_dir} is already a quantized model; give the full-precision HF directory")
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    check_paths(out_dir, model_dir)
     return model_dir, out_dir
+
+
+def finished_blocks(work_dir: Path) -> int:
+    """Blocks an interrupted ApiQ run has finished (read from its work directory, no orbax).
+
+    Args:
+        work_dir: ``OUT/calibration_work``.
+
+    Returns:
+        The number of finished blocks (0 when there is no work directory).
+    """
+    streams = work_dir / "streams"
+    steps = [int(p.name) for p in streams.iterdir() if p.is_dir() and p.name.isdigit()] if streams.is_dir() else []
+    return max(steps) + 1 if steps else 0
 
 
 def summarize(args: argparse.Namespace, scheme: str, ids: np.ndarray, result: Any) -> dict[str, Any]:
@@ -307,14 +347,18 @@ def run(args: argparse.Namespace) -> int:
     """
     import jax
 
+    from apiq_jax.commands.outputs import OutputDir
     from apiq_jax.lora import LoraConfig
     from apiq_jax.models.hf_io import checkpoint_dtype, lazy_params, load_config, load_hf_config
     from apiq_jax.models.quantized_io import save_quantized
     from apiq_jax.quant import QuantConfig
 
     t0 = time.perf_counter()
+    mesh = command_mesh(args)
     scheme = check_args(args)
     model_dir, out_dir = _check_paths(args)
+    claim = OutputDir(out_dir, NAME, args, overwrite=args.overwrite, work_subdirs=(WORK_SUBDIR,))
+    claim.check()  # before reading anything big
     config = load_config(model_dir)
     params = lazy_params(model_dir, config, args.dtype)  # headers only: each block is read when calibrated
     dtype = args.dtype or checkpoint_dtype(load_hf_config(model_dir)).name
@@ -322,21 +366,36 @@ def run(args: argparse.Namespace) -> int:
         Path(args.calib), model_dir, args.nsamples, args.seqlen, args.seed,
         config.max_position_embeddings, config.vocab_size,
     )
+    for msg in unwise_option_warnings(config, rank=args.rank, group_size=args.group_size, bits=args.bits):
+        warn(NAME, msg)
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=scheme)
     lcfg = LoraConfig(rank=args.rank, alpha=args.alpha)
-    opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, out_dir / WORK_SUBDIR,
-                          args.cache_dtype)
-    result = get_method(args.method).fn(params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
-    summary = summarize(args, scheme, ids, result)
-    summary["dtype"] = dtype
-    save_quantized(
-        out_dir, result.params, result.lora, config,
-        metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": result.report.to_dict()},
-        tokenizer_source=model_dir, max_shard_size=args.max_shard_size,
-    )
-    result.report.save_json(out_dir / "report.json")
-    result.report.save_plot(out_dir / "report.png")
-    shutil.rmtree(out_dir / WORK_SUBDIR, ignore_errors=True)
+    work_dir = out_dir / WORK_SUBDIR
+    n_layers = config.num_hidden_layers
+    args.resume_hint = lambda: (f"block {finished_blocks(work_dir) + 1}/{n_layers} ({finished_blocks(work_dir)} "
+                                "finished)" if finished_blocks(work_dir) else None)
+    with claim:
+        done = finished_blocks(work_dir)
+        if done:
+            print(f"apiq-jax {NAME}: resuming from block {done + 1}/{n_layers} ({done} finished in {work_dir})",
+                  file=sys.stderr, flush=True)
+        claim.start_work()
+        opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, work_dir, args.cache_dtype,
+                              getattr(args, "lora_init", None))
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # samples split over the mesh
+            result = get_method(args.method).fn(params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed),
+                                                **opts)
+        summary = summarize(args, scheme, ids, result)
+        summary["dtype"] = dtype
+        save_quantized(
+            out_dir, result.params, result.lora, config,
+            metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": result.report.to_dict()},
+            tokenizer_source=model_dir, max_shard_size=args.max_shard_size,
+        )
+        result.report.save_json(out_dir / "report.json")
+        result.report.save_plot(out_dir / "report.png")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        claim.finish()
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     summary["out"] = str(out_dir)
     print_json(summary)

@@ -207,3 +207,20 @@ def test_sixteen_bit_storage_and_caches(tiny_dir, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--dtype" in err and "float16" in err and "Traceback" not in err
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("lora_init", ["loftq", "cloq"])
+def test_lora_init_flag_starts_apiq_from_the_fitted_factors(tiny_dir, data, tmp_path, capsys, lora_init):
+    """``--lora-init`` reaches ApiQOptions: at 0 epochs the saved LoRA is the fitted one (b != 0; the
+    default init has b = 0), and the report records the option."""
+    out = tmp_path / lora_init
+    args = quantize_args(tiny_dir, out, data["stream"], "apiq-bw", "--epochs", "0", "--nsamples", "2",
+                         "--seqlen", "16", "--lora-init", lora_init)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    _, lora, _, meta = load_quantized(out)
+    assert meta["report"]["options"]["lora_init"] == lora_init
+    assert np.abs(np.asarray(lora["layers"][0]["q_proj"]["b"])).max() > 0
+    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["calib"], "rtn",
+                                                  "--lora-init", lora_init))
+    assert code == 2 and err.startswith("apiq-jax quantize: error: --lora-init applies to apiq-bw/apiq-lw only")
