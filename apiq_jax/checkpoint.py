@@ -83,3 +83,20 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def restore_failure(error: BaseException) -> str:
+    """A one-line summary of why orbax could not restore a checkpoint (for a user-facing error).
+
+    Orbax and tensorstore raise many exception types with long multi-line messages for a
+    damaged or mismatched checkpoint; this keeps the type and the first line (at most 300
+    characters, without tensorstore's "See full ..." tail).
+
+    Args:
+      error: the exception raised by :meth:`Checkpointer.restore`.
+
+    Returns:
+      ``"TypeName: first line"``.
+    """
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" See full ")[0][:300]
+    return f"{type(error).__name__}: {first}"

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 import apiq_jax.sharding as sharding
-from apiq_jax.checkpoint import Checkpointer
+from apiq_jax.checkpoint import Checkpointer, restore_failure
 from apiq_jax.data import check_ids
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
@@ -558,10 +558,9 @@ def restore_checkpoint(ckpt: Checkpointer, step: int, template: Any) -> Any:
     try:
         return ckpt.restore(step, template)
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a bad checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full ")[0][:300]
         raise ValueError(
             f"the training checkpoint {ckpt.directory / str(step)} cannot be restored (corrupt, or saved by a run "
-            f"with other settings): {type(e).__name__}: {first}; delete {ckpt.directory} to discard it and "
+            f"with other settings): {restore_failure(e)}; delete {ckpt.directory} to discard it and "
             "start training over"
         ) from e
 

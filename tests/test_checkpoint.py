@@ -43,3 +43,12 @@ def test_reopening_resumes_and_bad_arguments(tmp_path):
         np.testing.assert_array_equal(np.asarray(ck.restore(5, {"x": jnp.zeros(3)})["x"]), 1.0)
     with pytest.raises(ValueError, match="max_to_keep=0 must be >= 1"):
         Checkpointer(tmp_path / "other", max_to_keep=0)
+
+
+def test_restore_failure_is_one_line():
+    from apiq_jax.checkpoint import restore_failure
+
+    err = ValueError("tensorstore: bad chunk at /x/0.0 See full error in the log\nsecond line\nthird")
+    assert restore_failure(err) == "ValueError: tensorstore: bad chunk at /x/0.0"
+    assert restore_failure(KeyError()) == "KeyError: KeyError"
+    assert len(restore_failure(RuntimeError("x" * 1000))) == len("RuntimeError: ") + 300

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apiq_jax.calibration.reports import BlockReport
-from apiq_jax.checkpoint import Checkpointer
+from apiq_jax.checkpoint import Checkpointer, restore_failure
 from apiq_jax.models.hf_io import LazyTensor
 
 __all__ = ["WorkDir", "digest", "run_fingerprint"]
@@ -138,10 +138,9 @@ class WorkDir:
         try:
             return ckpt.restore(i, template)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full ")[0][:300]
             raise ValueError(
                 f"the checkpoint {ckpt.directory / str(i)} of the work directory is corrupt "
-                f"({type(e).__name__}: {first}); delete {self.path} to discard it (or pass --overwrite) and start over"
+                f"({restore_failure(e)}); delete {self.path} to discard it (or pass --overwrite) and start over"
             ) from e
 
     def close(self) -> None:
