@@ -35,8 +35,8 @@ Example:
   >>> dict(mesh.shape)
   {'data': 1, 'fsdp': 1}
   >>> placed = place({"w": jnp.ones((4, 2))}, mesh)
-  >>> placed["w"].sharding.spec
-  PartitionSpec('fsdp', None)
+  >>> placed["w"].sharding.spec == PartitionSpec("fsdp", None)
+  True
 """
 
 from __future__ import annotations
