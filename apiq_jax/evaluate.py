@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+import apiq_jax.interrupts as interrupts
 import apiq_jax.sharding as sharding
 from apiq_jax.data import check_ids, split_windows, tokenize
 from apiq_jax.lora import Lora
@@ -190,6 +191,7 @@ def perplexity_ids(
     start = time.perf_counter()
     total = 0.0
     for i in tqdm(range(0, n, bs), desc="eval", unit="batch", disable=not progress, leave=False):
+        interrupts.check()
         chunk = arr[i : i + bs]
         weight = np.ones(bs, np.float32)
         if chunk.shape[0] < bs:

@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+import apiq_jax.interrupts as interrupts
 import apiq_jax.sharding as sharding
 from apiq_jax.checkpoint import Checkpointer, restore_failure
 from apiq_jax.data import check_ids
@@ -510,6 +511,7 @@ def finetune(
     losses = np.asarray(state["losses"]).copy()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
+        interrupts.check()  # a Ctrl-C whose exception was swallowed stops here
         rows = batch_indices(len(ids), cfg.batch_size, step, cfg.seed)
         if mesh is None:
             batch = jnp.asarray(ids[rows], jnp.int32)

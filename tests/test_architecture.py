@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"apiq_jax.quant"}
 QMATMUL = BASE | {"apiq_jax.qmatmul"}  # the one module that knows the kernels
-LEAVES = {"apiq_jax.lora", "apiq_jax.data", "apiq_jax.checkpoint", "apiq_jax.plotting", "apiq_jax.sharding"}
+LEAVES = {"apiq_jax.lora", "apiq_jax.data", "apiq_jax.checkpoint", "apiq_jax.plotting", "apiq_jax.sharding",
+          "apiq_jax.interrupts"}
 MODELS = QMATMUL | LEAVES | {"apiq_jax.models"}
 EVALUATE = MODELS | {"apiq_jax.evaluate"}
 CALIBRATION = EVALUATE | {"apiq_jax.calibration"}
@@ -36,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "apiq_jax.checkpoint": {"apiq_jax.checkpoint"},
     "apiq_jax.sharding": BASE | {"apiq_jax.lora", "apiq_jax.sharding"},  # mesh + placement rules of the trees
     "apiq_jax.plotting": {"apiq_jax.plotting"},
+    "apiq_jax.interrupts": {"apiq_jax.interrupts"},
     "apiq_jax.models": MODELS,
     "apiq_jax.evaluate": EVALUATE,
     "apiq_jax.calibration": CALIBRATION,

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import apiq_jax.interrupts as interrupts
 from apiq_jax.calibration.progress import Progress
 from apiq_jax.calibration.reports import BlockReport, Stopwatch
 from apiq_jax.lora import Lora
@@ -81,6 +82,7 @@ def run_blocks(
     outputs = list(done)
     with Progress(progress, len(source), desc, done=len(outputs)) as bar:
         for i in range(len(outputs), len(source)):
+            interrupts.check()  # a Ctrl-C whose exception was swallowed stops here, block i-1 saved
             timer = Stopwatch()
             out = step(i, materialize(source[i]), streams, bar)  # a lazily read block: read now, dropped after
             out = dataclasses.replace(out, report=dataclasses.replace(out.report, seconds=timer.elapsed()))

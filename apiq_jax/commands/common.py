@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+import apiq_jax.interrupts as interrupts
+
 #: window length when --seqlen is not given (capped by the model's max_position_embeddings)
 DEFAULT_SEQLEN = 2048
 #: exceptions reported as one line + exit code 2 (errors a user can fix: paths, inputs)
@@ -68,8 +70,19 @@ def run_command(args: argparse.Namespace) -> int:
         :data:`USER_ERRORS`, a permission error or a full disk (no traceback);
         :data:`INTERRUPTED_EXIT` after one line saying the run was interrupted (Ctrl-C).
     """
+    with interrupts.catch_sigint():
+        return _run_catching(args)
+
+
+def _run_catching(args: argparse.Namespace) -> int:
+    """:func:`run_command`'s body, run with Ctrl-C remembered (see :mod:`apiq_jax.interrupts`)."""
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if interrupts.requested():  # pressed while the last unit of work ran; its exception was swallowed
+            print(f"apiq-jax {args.command}: interrupted after the run had finished (exit code {code}); "
+                  "its output is complete", file=sys.stderr)
+            return INTERRUPTED_EXIT
+        return code
     except KeyboardInterrupt:
         print(f"apiq-jax {args.command}: interrupted; {_resume_text(args)}", file=sys.stderr)
         return INTERRUPTED_EXIT

@@ -56,3 +56,20 @@ def test_an_error_stops_the_loop_and_closes_the_bars(capsys):
 
     with pytest.raises(RuntimeError, match="block 0"):
         run_blocks(failing, LazySource(2), None, desc="t", progress=True)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_swallowed_ctrl_c_stops_before_the_next_block_with_the_last_one_saved():
+    from apiq_jax import interrupts
+    from tests.test_interrupts import _swallowed_ctrl_c
+
+    saved = []
+
+    def step(i, layer, streams, bar):
+        if i == 1:
+            _swallowed_ctrl_c()  # pressed while block 1 computes; the exception is lost
+        return _step(i, layer, streams, bar)
+
+    with interrupts.catch_sigint(), pytest.raises(KeyboardInterrupt):
+        run_blocks(step, LazySource(4), [], desc="t", save=lambda i, o: saved.append(i))
+    assert saved == [0, 1]
