@@ -76,8 +76,9 @@ def test_kv_cache_decode_equals_full_recompute_every_step(stories, prompt_ids):
     ids, mask = left_pad(prompt_ids)
     ref = recompute_logits(model.params, lora, ids, mask, res.tokens, model.config)
     assert res.logits.shape == ref.shape == (3, N, model.config.vocab_size)
-    # float32, different summation order (cache vs full sequence): 1e-5 absolute on logits of magnitude ~10
-    np.testing.assert_allclose(res.logits, ref, atol=1e-5, rtol=1e-5)
+    # float32, different summation order (cache vs full sequence, whose attention runs in causal
+    # query blocks): 3e-5 absolute on logits of magnitude ~10 (observed 1.1e-5)
+    np.testing.assert_allclose(res.logits, ref, atol=3e-5, rtol=1e-5)
     np.testing.assert_array_equal(res.tokens, ref.argmax(-1))
     # stacked layers and a stacked LoRA give the same tokens
     res2 = generate(stack_layers(model.params), lora.stack_layers(), prompt_ids, model.config, max_new_tokens=N)

@@ -55,8 +55,13 @@ from apiq_jax.quant import QuantizedTensor, dequantize
 from apiq_jax.sharding import gather_layer
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
-#: ``attention(impl=...)``: "auto" (plain while the scores fit in one block, chunked beyond), "plain", "chunked"
-ATTENTION_IMPLS = ("auto", "plain", "chunked")
+#: ``attention(impl=...)``: "auto" (causal blocks while the scores fit in one chunk, chunked
+#: beyond), "plain" (all scores at once), "blocks" (causal query blocks), "chunked"
+ATTENTION_IMPLS = ("auto", "plain", "blocks", "chunked")
+#: at most this many query blocks in the causal-blocks attention path
+ATTENTION_CAUSAL_BLOCKS = 8
+#: fewest query rows per causal block (shorter sequences run as fewer blocks)
+ATTENTION_CAUSAL_MIN_ROWS = 32
 #: the chunked attention path holds at most this many float32 scores per query block
 ATTENTION_CHUNK_SCORES = 2**22
 #: fewest query rows per block of the chunked attention path
@@ -324,15 +329,43 @@ def _dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return y.astype(x.dtype)
 
 
+def _dot32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _lora_matmuls(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """``(x @ a) @ b`` of ``x [m, in]``, ``a [in, r]``, ``b [r, out]`` (one dtype), float32 out.
+
+    The hand-written VJP is autodiff's, made explicit: XLA's CPU backend otherwise lays
+    out ``db = xa^T g`` by transposing the ``[m, out]`` cotangent (and recomputing its
+    elementwise producers in that transposed order), about 30% of a small model's
+    finetuning step (``benchmarks/finetune_speed.py``). Products accumulate in float32;
+    16-bit operands keep the cotangent 16-bit, as :func:`_einsum32` does.
+    """
+    return _dot32(_dot32(x, a).astype(x.dtype), b)
+
+
+def _lora_matmuls_fwd(x, a, b):
+    xa = _dot32(x, a).astype(x.dtype)
+    return _dot32(xa, b), (x, a, b, xa)
+
+
+def _lora_matmuls_bwd(res, g):
+    x, a, b, xa = res
+    g = g.astype(x.dtype)
+    gxa = _dot32(g, b.T).astype(x.dtype)
+    return _dot32(gxa, a.T).astype(x.dtype), _dot32(x.T, gxa).astype(a.dtype), _dot32(xa.T, g).astype(b.dtype)
+
+
+_lora_matmuls.defvjp(_lora_matmuls_fwd, _lora_matmuls_bwd)
+
+
 def _lora_term(x: jnp.ndarray, lora: Lora) -> jnp.ndarray:
-    """``lora.scale * (x @ a) @ b`` in ``x``'s dtype (float32 accumulation for 16-bit ``x``)."""
-    a = lora.a.astype(x.dtype)
-    b = lora.b.astype(x.dtype)
-    if x.dtype == jnp.float32:
-        return lora.scale * ((x @ a) @ b)
+    """``lora.scale * (x @ a) @ b`` in ``x``'s dtype (float32 accumulation)."""
     lead = x.shape[:-1]
-    xa = _einsum32("mi,ir->mr", x.reshape(-1, x.shape[-1]), a).astype(x.dtype)
-    return (lora.scale * _einsum32("mr,ro->mo", xa, b)).astype(x.dtype).reshape(*lead, b.shape[-1])
+    y = _lora_matmuls(x.reshape(-1, x.shape[-1]), lora.a.astype(x.dtype), lora.b.astype(x.dtype))
+    return (lora.scale * y).astype(x.dtype).reshape(*lead, y.shape[-1])
 
 
 def linear(
@@ -467,13 +500,66 @@ def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -
     """Softmax attention of queries ``q [b, q, kvh, g, hd]`` over ``k, v [b, s, kvh, hd]``.
 
     ``mask`` is boolean ``[b or 1, q, s]``. Scores and softmax in float32; the output
-    ``[b, q, kvh, g, hd]`` in ``q``'s dtype.
+    ``[b, q, kvh, g, hd]`` in ``q``'s dtype (:func:`_attend_heads` in head-major layout).
     """
-    scores = _einsum32("bqkgd,bskd->bkgqs", q, k)
-    scores = scores * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return _einsum32("bkgqs,bskd->bqkgd", probs, v).astype(q.dtype)
+    qh = jnp.moveaxis(q, 1, 3)  # [b, kvh, g, q, hd]
+    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [b, kvh, s, hd]
+    return jnp.moveaxis(_attend_heads(qh, kh, vh, mask), 3, 1)
+
+
+def _attend_heads(qh: jnp.ndarray, kh: jnp.ndarray, vh: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """:func:`_attend` in head-major layout: ``qh [b, kvh, g, q, hd]``, ``kh, vh [b, kvh, s, hd]``.
+
+    The ``g`` query heads of a key head are one ``[g * q, hd]`` operand of a batched
+    ``[b, kvh]`` dot (large dots for XLA's CPU backend), and the softmax is normalised
+    after the product with ``v`` (a division of ``[q, hd]`` values instead of ``[q, s]``);
+    a row whose keys are all masked averages every value, as ``jax.nn.softmax`` of equal
+    scores does.
+
+    Returns:
+      ``[b, kvh, g, q, hd]`` in ``qh``'s dtype.
+    """
+    b, kvh, g, nq, hd = qh.shape
+    scores = _einsum32("bkqd,bksd->bkqs", qh.reshape(b, kvh, g * nq, hd), kh).reshape(b, kvh, g, nq, -1)
+    scores = jnp.where(mask[:, None, None], scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = _einsum32("bkqs,bksd->bkqd", weights.astype(qh.dtype).reshape(b, kvh, g * nq, -1), vh)
+    return (out.reshape(b, kvh, g, nq, hd) / total).astype(qh.dtype)
+
+
+def causal_block_rows(s: int) -> int:
+    """Query rows per block of the causal-blocks attention path for ``s`` tokens.
+
+    Args:
+      s: sequence length.
+
+    Returns:
+      ``ceil(s / n)`` with ``n`` blocks: at most :data:`ATTENTION_CAUSAL_BLOCKS`, each of at
+      least :data:`ATTENTION_CAUSAL_MIN_ROWS` rows (``s`` itself: one block).
+    """
+    n = max(1, min(ATTENTION_CAUSAL_BLOCKS, s // ATTENTION_CAUSAL_MIN_ROWS))
+    return -(-s // n)
+
+
+def _attend_causal_blocks(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """:func:`_attend` of a causal ``mask``, one block of queries at a time over the keys it can see.
+
+    Queries ``[lo, hi)`` attend to keys ``[0, hi)`` only: a causal mask (every mask of
+    :func:`attention_mask_matrix`) hides the later keys, so their scores, about half of
+    all, are never computed. Each block is a static-shape :func:`_attend` (the Python loop
+    unrolls into :func:`causal_block_rows`-row blocks), whose scores are small enough to
+    stay in cache on CPU: about 3-5x faster than all scores at once at 256-512 tokens
+    (``benchmarks/finetune_speed.py``), with the same result up to float32 rounding.
+    """
+    s = q.shape[1]
+    rows = causal_block_rows(s)
+    qh = jnp.moveaxis(q, 1, 3)  # head-major once: [b, kvh, g, s, hd]
+    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
+    outs = [_attend_heads(qh[:, :, :, lo:lo + rows], kh[:, :, :lo + rows], vh[:, :, :lo + rows],
+                          mask[:, lo:lo + rows, :lo + rows]) for lo in range(0, s, rows)]
+    return jnp.moveaxis(jnp.concatenate(outs, axis=3), 3, 1)
 
 
 def attention_chunk_rows(b: int, heads: int, s: int) -> int:
@@ -547,11 +633,12 @@ def attention(
       lora: that layer's :class:`~apiq_jax.lora.Lora` or None.
       backend: qmatmul backend of quantized linears.
       impl: one of :data:`ATTENTION_IMPLS`. "plain": the ``[b, heads, s, s]`` float32
-        scores at once. "chunked": blocks of :func:`attention_chunk_rows` queries, each
-        rematerialised in the backward pass, so attention memory is
-        ``O(s * rows)`` instead of ``O(s^2)`` (same values up to float32 rounding).
-        "auto": "plain" while all scores fit in one block of
-        :data:`ATTENTION_CHUNK_SCORES` values (the identical computation), "chunked" beyond.
+        scores at once. "blocks": causal query blocks, each over the keys it can see
+        (:func:`causal_block_rows`; the fastest on CPU). "chunked": blocks of
+        :func:`attention_chunk_rows` queries, each rematerialised in the backward pass, so
+        attention memory is ``O(s * rows)`` instead of ``O(s^2)``. "auto": "blocks" while
+        all scores fit in one chunk of :data:`ATTENTION_CHUNK_SCORES` values, "chunked"
+        beyond. All give the same values up to float32 rounding.
 
     Returns:
       The attention block's output ``[b, s, D]`` (after o_proj).
@@ -572,8 +659,10 @@ def attention(
     v = proj("v_proj").reshape(b, s, kvh, hd)
     q = q.reshape(b, s, kvh, config.num_kv_groups, hd)  # query head i uses kv head i // groups
     rows = attention_chunk_rows(b, h, s)
-    if impl == "plain" or (impl == "auto" and rows >= s):
+    if impl == "plain":
         out = _attend(q, k, v, mask)
+    elif impl == "blocks" or (impl == "auto" and rows >= s):
+        out = _attend_causal_blocks(q, k, v, mask)
     else:
         out = _attend_chunked(q, k, v, mask, rows)
     out = out.reshape(b, s, h * hd)

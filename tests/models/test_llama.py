@@ -312,7 +312,7 @@ def test_bad_remat_and_attention_impl_are_one_line_errors():
     ids = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match=r"^remat='full' is not supported; accepted: \('none', 'block', 'dots', 'sqrt'\)$"):
         forward(frozen, None, ids, MIXED, remat="full")
-    with pytest.raises(ValueError, match=r"^attention impl='flash' is not supported; accepted: \('auto', 'plain', 'chunked'\)$"):
+    with pytest.raises(ValueError, match=r"^attention impl='flash' is not supported; accepted: \('auto', 'plain', 'blocks', 'chunked'\)$"):
         forward(frozen, None, ids, MIXED, attention_impl="flash")
 
 
@@ -328,3 +328,84 @@ def test_cast_params_and_helpers():
     # rows per chunk: the largest power of two whose scores fit the budget (at least the minimum)
     assert L.attention_chunk_rows(4, 16, 1024) * 4 * 16 * 1024 <= L.ATTENTION_CHUNK_SCORES
     assert L.attention_chunk_rows(1, 1, 16) >= 16  # small problems: one block, the plain path
+
+
+# --- the CPU-speed formulations: causal-block attention and the LoRA products' VJP ---------
+def _attention_f64(q, k, v, mask):
+    """float64 numpy softmax attention: q [b, q, kvh, g, hd], k/v [b, s, kvh, hd], mask [b|1, q, s]."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    scores = np.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.asarray(mask)[:, None, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bkgqs,bskd->bqkgd", p, v)
+
+
+@pytest.mark.parametrize("s, window, padded", [(100, None, False), (64, 5, False), (96, None, True)])
+def test_causal_block_attention_equals_float64_softmax_attention(s, window, padded):
+    import apiq_jax.models.llama as L
+
+    rng = np.random.default_rng(s)
+    b, kvh, g, hd = 2, 2, 3, 8
+    q = jnp.asarray(rng.standard_normal((b, s, kvh, g, hd)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kvh, hd)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kvh, hd)), jnp.float32)
+    attention_mask = None
+    if padded:  # right padding of the second row; padded queries are not compared
+        attention_mask = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 7]]), jnp.int32)
+    mask = L.attention_mask_matrix(s, attention_mask, window)
+    rows = L.causal_block_rows(s)
+    assert 1 < -(-s // rows) <= L.ATTENTION_CAUSAL_BLOCKS  # really several blocks, the last one shorter for s=100
+    ref = _attention_f64(q, k, v, mask)
+    keep = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    for fn in (L._attend, L._attend_causal_blocks):
+        out = np.asarray(jax.jit(fn)(q, k, v, mask))
+        np.testing.assert_allclose(out[keep], ref[keep], atol=2e-6, rtol=1e-5)
+    # gradients of the blocks equal those of one softmax over all scores (jax.nn.softmax)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * keep[:, :, None, None, None]
+
+    def softmax_attention(q, k, v):
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(hd)
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+        return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads(lambda q, k, v: L._attend_causal_blocks(q, k, v, mask)), grads(softmax_attention)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
+
+
+def test_causal_block_rows():
+    import apiq_jax.models.llama as L
+
+    assert L.causal_block_rows(16) == 16  # shorter than two minimum blocks: one block
+    assert L.causal_block_rows(64) == 32
+    assert L.causal_block_rows(256) == 32
+    assert L.causal_block_rows(2048) == 256  # at most ATTENTION_CAUSAL_BLOCKS blocks
+    assert L.causal_block_rows(100) == 34
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_lora_products_vjp_equals_autodiff_of_the_plain_products(dtype, tol):
+    import apiq_jax.models.llama as L
+    from apiq_jax.lora import Lora, LoraConfig
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 40, 24)), dtype)
+    a = jnp.asarray(rng.standard_normal((24, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4, 56)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((3, 40, 56)), jnp.float32)
+
+    def ours(x, a, b):
+        return jnp.sum(L._lora_term(x, Lora({"a": a, "b": b}, LoraConfig(rank=4, alpha=2.0))).astype(jnp.float32) * ct)
+
+    def plain(x, a, b):  # float32 reference, autodiff
+        return jnp.sum(0.5 * ((x.astype(jnp.float32) @ a) @ b) * ct)
+
+    got = jax.value_and_grad(ours, argnums=(0, 1, 2))(x, a, b)
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, a, b)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() <= tol * np.abs(w).max()
