@@ -61,7 +61,7 @@ ATTENTION_IMPLS = ("auto", "plain", "blocks", "chunked")
 #: at most this many query blocks in the causal-blocks attention path
 ATTENTION_CAUSAL_BLOCKS = 8
 #: fewest query rows per causal block (shorter sequences run as fewer blocks)
-ATTENTION_CAUSAL_MIN_ROWS = 32
+ATTENTION_CAUSAL_MIN_ROWS = 64
 #: the chunked attention path holds at most this many float32 scores per query block
 ATTENTION_CHUNK_SCORES = 2**22
 #: fewest query rows per block of the chunked attention path
@@ -317,16 +317,37 @@ def _einsum32(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return _einsum16(spec, a, b)
 
 
+@jax.custom_vjp
+def _matmul_wt(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """``x [m, in] @ w[out, in]^T`` in float32, with autodiff's VJP written out.
+
+    ``dw = g^T x`` (needed when the weight is trained, e.g. fake-quantized in ApiQ
+    calibration) as an explicit product: XLA's CPU backend otherwise transposes the
+    ``[m, out]`` cotangent for it, as for the LoRA products (:func:`_lora_matmuls`). Unused
+    cotangents (a frozen weight) are removed by XLA's dead-code elimination.
+    """
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+
+
+def _matmul_wt_fwd(x, w):
+    return _matmul_wt(x, w), (x, w)
+
+
+def _matmul_wt_bwd(res, g):
+    x, w = res
+    return g @ w, g.T @ x
+
+
+_matmul_wt.defvjp(_matmul_wt_fwd, _matmul_wt_bwd)
+
+
 def _dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """``x @ w.T`` for ``w`` in ``[out, in]`` layout, accumulated in float32, in ``x``'s dtype."""
+    lead = x.shape[:-1]
     if x.dtype != jnp.float32:
-        lead = x.shape[:-1]
         y = _einsum32("mi,oi->mo", x.reshape(-1, x.shape[-1]), w)
         return y.astype(x.dtype).reshape(*lead, w.shape[0])
-    y = jax.lax.dot_general(
-        x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return y.astype(x.dtype)
+    return _matmul_wt(x.reshape(-1, x.shape[-1]), w.astype(x.dtype)).reshape(*lead, w.shape[0])
 
 
 def _dot32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:

@@ -341,7 +341,7 @@ def _attention_f64(q, k, v, mask):
     return np.einsum("bkgqs,bskd->bqkgd", p, v)
 
 
-@pytest.mark.parametrize("s, window, padded", [(100, None, False), (64, 5, False), (96, None, True)])
+@pytest.mark.parametrize("s, window, padded", [(200, None, False), (128, 5, False), (192, None, True)])
 def test_causal_block_attention_equals_float64_softmax_attention(s, window, padded):
     import apiq_jax.models.llama as L
 
@@ -355,7 +355,7 @@ def test_causal_block_attention_equals_float64_softmax_attention(s, window, padd
         attention_mask = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 7]]), jnp.int32)
     mask = L.attention_mask_matrix(s, attention_mask, window)
     rows = L.causal_block_rows(s)
-    assert 1 < -(-s // rows) <= L.ATTENTION_CAUSAL_BLOCKS  # really several blocks, the last one shorter for s=100
+    assert 1 < -(-s // rows) <= L.ATTENTION_CAUSAL_BLOCKS  # really several blocks, the last one shorter for s=200
     ref = _attention_f64(q, k, v, mask)
     keep = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask, bool)
     for fn in (L._attend, L._attend_causal_blocks):
@@ -379,11 +379,11 @@ def test_causal_block_attention_equals_float64_softmax_attention(s, window, padd
 def test_causal_block_rows():
     import apiq_jax.models.llama as L
 
-    assert L.causal_block_rows(16) == 16  # shorter than two minimum blocks: one block
-    assert L.causal_block_rows(64) == 32
-    assert L.causal_block_rows(256) == 32
+    assert L.causal_block_rows(100) == 100  # shorter than two minimum blocks: one block
+    assert L.causal_block_rows(128) == 64
+    assert L.causal_block_rows(256) == 64
     assert L.causal_block_rows(2048) == 256  # at most ATTENTION_CAUSAL_BLOCKS blocks
-    assert L.causal_block_rows(100) == 34
+    assert L.causal_block_rows(200) == 67
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
@@ -409,3 +409,18 @@ def test_lora_products_vjp_equals_autodiff_of_the_plain_products(dtype, tol):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert g.shape == w.shape
         assert np.abs(g - w).max() <= tol * np.abs(w).max()
+
+
+def test_dense_matmul_vjp_equals_autodiff_of_the_plain_product():
+    """The trained-weight path (ApiQ's fake-quantized weights): dx and dw of x @ w^T."""
+    import apiq_jax.models.llama as L
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 30, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 30, 40)), jnp.float32)
+    got = jax.value_and_grad(lambda x, w: jnp.sum(L._dense_matmul(x, w) * ct), argnums=(0, 1))(x, w)
+    x64, w64, ct64 = (np.asarray(t, np.float64) for t in (x, w, ct))
+    want = (np.sum((x64 @ w64.T) * ct64), (ct64 @ w64, np.einsum("bmo,bmi->oi", ct64, x64)))
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w_, rtol=1e-5, atol=1e-4)
