@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -59,16 +60,31 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 def catch_sigint() -> Iterator[None]:
     """Within the block, SIGINT is remembered as well as raised (main thread only).
 
+    A ``KeyboardInterrupt`` swallowed by Python (reported through ``sys.unraisablehook``) is
+    not printed: it is remembered, and :func:`check` raises it again.
+
     Yields:
-        None; on exit the previous handler is restored and the request cleared.
+        None; on exit the previous handler and hook are restored and the request cleared.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _pending.clear()
     previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook = sys.unraisablehook
+
+    def quiet_swallowed_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
+        # the swallowed KeyboardInterrupt is remembered (check() raises it again): no
+        # "Exception ignored ... Traceback" on stderr for it; anything else as before
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _pending.is_set():
+            return
+        previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_swallowed_interrupt
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        if sys.unraisablehook is quiet_swallowed_interrupt:
+            sys.unraisablehook = previous_hook
         _pending.clear()
