@@ -368,23 +368,64 @@ def init_lora(
     if method not in INIT_METHODS:
         raise ValueError(f"method={method!r} is not supported; accepted: {INIT_METHODS}")
     layers = _layers(params)
-    keys = jax.random.split(key, max(1, len(layers) * len(config.targets)))
-    out_layers = []
-    n = 0
-    for i, layer in enumerate(layers):
-        entry = {}
-        for name in config.targets:
-            if name not in layer:
-                raise ValueError(f"layer {i} has no linear {name!r} (targets={config.targets})")
-            out_f, in_f = _weight_shape(layer[name], f"layers.{i}.{name}")
-            if method == "qlora":
-                a = _kaiming_uniform(keys[n], in_f, config.rank).astype(dtype)
-            else:
-                a = jnp.zeros((in_f, config.rank), dtype)
-            entry[name] = {"a": a, "b": jnp.zeros((config.rank, out_f), dtype)}
-            n += 1
-        out_layers.append(entry)
-    return Lora({"layers": out_layers}, config)
+    return Lora({"layers": [init_lora_layer(params, config, key, i, method=method, dtype=dtype).factors
+                            for i in range(len(layers))]}, config)
+
+
+def init_lora_layer(
+    params: Mapping[str, Any],
+    config: LoraConfig,
+    key: jax.Array,
+    i: int,
+    *,
+    method: str = "qlora",
+    dtype: Any = jnp.float32,
+) -> Lora:
+    """Layer ``i`` of :func:`init_lora` (bit for bit), without making the other layers.
+
+    A calibration that walks the blocks one at a time starts each block from this, so the
+    initial LoRA of the whole model is never held at once.
+
+    Args:
+      params: the model params (only the shapes of ``params["layers"][i]`` are read).
+      config: rank, alpha and targets.
+      key: the key :func:`init_lora` would be given.
+      i: the layer index.
+      method: "qlora" or "zeros".
+      dtype: dtype of the factors.
+
+    Returns:
+      A layer-level :class:`Lora` (``{linear: {"a", "b"}}``).
+
+    Raises:
+      ValueError: as :func:`init_lora`, or ``i`` out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"layers": [{"q_proj": jnp.zeros((8, 16))}, {"q_proj": jnp.zeros((8, 16))}]}
+      >>> cfg, key = LoraConfig(rank=4, targets=("q",)), jax.random.key(0)
+      >>> bool((init_lora_layer(params, cfg, key, 1)["q_proj"].a == init_lora(params, cfg, key)["layers"][1]["q_proj"].a).all())
+      True
+    """
+    if method not in INIT_METHODS:
+        raise ValueError(f"method={method!r} is not supported; accepted: {INIT_METHODS}")
+    layers = _layers(params)
+    if not 0 <= i < len(layers):
+        raise ValueError(f"layer index {i} is out of range; accepted: 0 <= i < {len(layers)}")
+    n_targets = len(config.targets)
+    keys = jax.random.split(key, max(1, len(layers) * n_targets))
+    layer = layers[i]
+    entry = {}
+    for j, name in enumerate(config.targets):
+        if name not in layer:
+            raise ValueError(f"layer {i} has no linear {name!r} (targets={config.targets})")
+        out_f, in_f = _weight_shape(layer[name], f"layers.{i}.{name}")
+        if method == "qlora":
+            a = _kaiming_uniform(keys[i * n_targets + j], in_f, config.rank).astype(dtype)
+        else:
+            a = jnp.zeros((in_f, config.rank), dtype)
+        entry[name] = {"a": a, "b": jnp.zeros((config.rank, out_f), dtype)}
+    return Lora(entry, config)
 
 
 def lora_from_factors(

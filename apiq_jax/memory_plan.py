@@ -8,8 +8,8 @@ of the compiled programs from XLA itself (``jit(...).lower(abstract shapes).comp
 ``quantize`` (ApiQ and the baselines walk the blocks in order, one block read at a time):
 its peak is the larger of *calibrating the last block* (runtime, the block in its storage
 dtype and in float32, the block program's temporaries, the activation caches, the packed
-model with its LoRA and clipping logits so far) and *saving* (runtime, the packed model,
-LoRA, embeddings and head). ``finetune``: the compiled step's temp + argument + output bytes.
+model so far: a finished block's LoRA and clipping logits wait in the work directory) and
+*saving* (runtime, the packed model, LoRA and clipping logits, embeddings and head). ``finetune``: the compiled step's temp + argument + output bytes.
 
 Example:
   >>> from apiq_jax.memory_plan import QuantizePlanInputs, packed_layer_bytes
@@ -198,7 +198,8 @@ def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | 
     cache = jnp.dtype(p.cache_dtype or p.dtype).itemsize
     block = sum(int(np.prod(s)) for s in layer_param_shapes(config).values())
     layers = config.num_hidden_layers
-    per_layer = packed_layer_bytes(config, p.quant_config) + lora_layer_bytes(config, p.lora_config)
+    packed = packed_layer_bytes(config, p.quant_config)
+    per_layer = packed + lora_layer_bytes(config, p.lora_config)
     if trains:
         per_layer += clip_layer_bytes(config, p.quant_config)
     stream = p.nsamples * p.seqlen * config.hidden_size * cache
@@ -212,7 +213,8 @@ def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | 
         "block (float32)": block * 4,
         "block program temporaries": _block_train_temp(config, p) if trains else _quantize_temp(config, p.quant_config),
         "activation caches": n_caches * stream,
-        "packed layers, LoRA, clip so far": (layers - 1) * per_layer,
+        # ApiQ (`quantize` always has a work directory): LoRA and logits of finished blocks are on disk
+        "packed layers so far" if trains else "packed layers, LoRA so far": (layers - 1) * (packed if trains else per_layer),
     }
     saving = {"runtime": base, "packed layers, LoRA, clip": layers * per_layer, "embeddings and head": embed + head}
     a, b = sum(calibrating.values()), sum(saving.values())

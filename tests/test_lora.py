@@ -151,3 +151,17 @@ def test_stack_and_unstack_layers(params):
         uneven.stack_layers()
     with pytest.raises(ValueError, match="needs a model-level Lora"):
         lora["layers"][0].stack_layers()
+
+
+def test_init_lora_layer_is_init_lora_one_layer_at_a_time():
+    from apiq_jax.lora import init_lora_layer
+
+    params = {"layers": [{"q_proj": jnp.zeros((8, 16)), "down_proj": jnp.zeros((16, 24))} for _ in range(3)]}
+    cfg, key = LoraConfig(rank=4, targets=("q", "down")), jax.random.key(3)
+    whole = init_lora(params, cfg, key, dtype=jnp.bfloat16)
+    for i in range(3):
+        layer = init_lora_layer(params, cfg, key, i, dtype=jnp.bfloat16)
+        for x, y in zip(jax.tree.leaves(layer.factors), jax.tree.leaves(whole["layers"][i].factors), strict=True):
+            assert x.dtype == y.dtype and bool((x == y).all())
+    with pytest.raises(ValueError, match="layer index 3 is out of range"):
+        init_lora_layer(params, cfg, key, 3)

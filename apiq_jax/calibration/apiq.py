@@ -44,12 +44,37 @@ from apiq_jax.calibration.inputs import validate_inputs
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import Progress
 from apiq_jax.calibration.reports import BlockReport, CalibrationReport, CalibrationResult, Stopwatch
-from apiq_jax.calibration.workdir import WorkDir, run_fingerprint
-from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora, lora_from_factors
+from apiq_jax.calibration.workdir import WorkDir, digest, run_fingerprint
+from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora_layer, lora_from_factors
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.quant import QuantConfig, init_clip
 
-__all__ = ["ApiQContext", "ApiQStep", "BlockStart", "calibrate_apiq", "loss_curve"]
+__all__ = ["ApiQContext", "ApiQStep", "BlockStart", "InitialLora", "calibrate_apiq", "loss_curve"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialLora:
+    """Where each block's LoRA starts, made one layer at a time (never the whole model's at once).
+
+    Attributes:
+      layer: ``layer(i)`` is layer i's starting :class:`~apiq_jax.lora.Lora`.
+      digest: identifies the whole starting LoRA (the work directory's fingerprint).
+    """
+
+    layer: Callable[[int], Lora]
+    digest: str
+
+    @classmethod
+    def of(cls, lora: Lora) -> InitialLora:
+        """Every block starts from its layer of a model-level ``lora`` (held whole).
+
+        Args:
+          lora: a model-level :class:`~apiq_jax.lora.Lora`.
+
+        Returns:
+          The :class:`InitialLora`.
+        """
+        return cls(lambda i: lora["layers"][i], digest(lora))
 
 
 class BlockStart(NamedTuple):
@@ -82,13 +107,13 @@ class ApiQContext:
       config: the model config.
       qcfg: the quantizer.
       opts: the :class:`~apiq_jax.calibration.options.ApiQOptions`.
-      lora0: the initial LoRA of the whole model.
+      lora0: the initial LoRA, one layer at a time.
     """
 
     config: ModelConfig
     qcfg: QuantConfig
     opts: ApiQOptions
-    lora0: Lora
+    lora0: InitialLora
 
     def begin(self, i: int, layer: Mapping[str, Any], streams: dict[str, Any], *,
               consume_fp: bool = True) -> BlockStart:
@@ -186,7 +211,7 @@ class ApiQContext:
         """
         return {
             "clip": {n: init_clip(layer[n].shape, self.qcfg, self.opts.clip_init) for n in LINEARS},
-            "lora": self.lora0["layers"][i].astype(jnp.float32),
+            "lora": self.lora0.layer(i).astype(jnp.float32),
         }
 
 
@@ -226,13 +251,21 @@ def calibrate_apiq(
     wd = done = None
     if work_dir is not None:
         wd = WorkDir(work_dir, run_fingerprint(method, model_config, quant_config, lora_config, opts, ids, params,
-                                               ctx.lora0), model_config.num_hidden_layers)
+                                               ctx.lora0.digest), model_config.num_hidden_layers)
+    # with a work directory, a finished block's LoRA and clip logits live there until the end
+    keep = None if wd is None else (lambda out: dataclasses.replace(out, lora=None, state=None))
     try:
         if wd is not None:
             done, streams = _resume(wd, ctx, params["layers"], streams)
+            done = [keep(o) for o in done]
         save = None if wd is None else (lambda i, out: wd.save(i, out.state, out.streams, out.report))
         outputs = run_blocks(partial(step, ctx), params["layers"], streams, desc=method, done=done or (),
-                             save=save, progress=progress, on_block_end=on_block_end)
+                             save=save, progress=progress, on_block_end=on_block_end, keep=keep)
+        del streams
+        if wd is not None:
+            outputs = [dataclasses.replace(o, state=wd.restore_state(i, ctx.start_state(i, params["layers"][i])))
+                       for i, o in enumerate(outputs)]
+            outputs = [dataclasses.replace(o, lora=o.state["lora"]) for o in outputs]
     finally:
         if wd is not None:
             wd.close()
@@ -247,16 +280,18 @@ def calibrate_apiq(
 
 
 def _initial_lora(params: Mapping[str, Any], lora_config: LoraConfig, key: jax.Array | None,
-                  lora_init: Mapping[str, Any] | None, opts: ApiQOptions) -> Lora:
+                  lora_init: Mapping[str, Any] | None, opts: ApiQOptions) -> InitialLora:
     if lora_init is not None:
         if opts.lora_init != "default":
             raise ValueError(f"lora_init= factors and options.lora_init={opts.lora_init!r} both given; pass one")
-        return lora_from_factors(params, lora_config, lora_init)
+        return InitialLora.of(lora_from_factors(params, lora_config, lora_init))
     if opts.lora_init != "default" and key is None:  # the template of the fitted factors: its values are replaced
         key = jax.random.PRNGKey(0)
     if key is None:
         raise ValueError("key= (a jax.random key) is required to initialise the LoRA factors")
-    return init_lora(params, lora_config, key, method="qlora")
+    init_lora_layer(params, lora_config, key, 0, method="qlora")  # a bad config fails here, before any work
+    return InitialLora(partial(init_lora_layer, params, lora_config, key, method="qlora"),
+                       digest({"qlora_key": jax.random.key_data(key)}))
 
 
 def _resume(wd: WorkDir, ctx: ApiQContext, layers: Any, streams: dict[str, Any]) -> tuple[list[BlockOutput], Any]:
@@ -275,11 +310,11 @@ def _resume(wd: WorkDir, ctx: ApiQContext, layers: Any, streams: dict[str, Any])
 
 def _result(params: Mapping[str, Any], ctx: ApiQContext, lora_config: LoraConfig, outputs: list[BlockOutput],
             report: CalibrationReport) -> CalibrationResult:
-    lora_layers = [
-        {n: {k: v.astype(ctx.lora0["layers"][i][n][k].dtype) for k, v in o.lora[n].factors.items()}
-         for n in lora_config.targets}
-        for i, o in enumerate(outputs)
-    ]
+    lora_layers = []
+    for i, o in enumerate(outputs):
+        start = ctx.lora0.layer(i)  # its factors' dtypes are the result's
+        lora_layers.append({n: {k: v.astype(start[n][k].dtype) for k, v in o.lora[n].factors.items()}
+                            for n in lora_config.targets})
     clips = {"layers": [{n: o.state["clip"][n] for n in LINEARS} for o in outputs]}
     return CalibrationResult(frozen_model(params, outputs), Lora({"layers": lora_layers}, lora_config), report,
                              {"clip": clips})

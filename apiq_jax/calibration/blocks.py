@@ -30,7 +30,7 @@ from apiq_jax.lora import LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward, embed
 from apiq_jax.models.quantized import quantize_weight
-from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize
+from apiq_jax.quant import ClipLogits, FakeQuantWeight, QuantConfig, QuantizedTensor, fake_quantize
 
 __all__ = ["as_float32", "block_error", "embed_ids", "fake_quant_layer", "float32_view", "freeze_layer",
            "layer_idx_arg", "run_block", "stream_error", "with_quantized"]
@@ -336,6 +336,30 @@ def with_quantized(layer: Mapping[str, Any], quantized: Mapping[str, QuantizedTe
       A new dict in ``layer``'s key order.
     """
     return {k: quantized[k] if k in quantized else jnp.asarray(v) for k, v in layer.items()}
+
+
+def fake_quant_weights(
+    layer: Mapping[str, Any], clips: Mapping[str, ClipLogits], quant_config: QuantConfig
+) -> dict[str, Any]:
+    """The layer with every linear in ``clips`` as a :class:`~apiq_jax.quant.FakeQuantWeight`.
+
+    In a block's forward pass, the values and logit gradients of :func:`fake_quant_layer`,
+    with each linear quantized where it is used and again, one at a time, for its gradient
+    (:func:`~apiq_jax.quant.fake_quant_matmul`): the training memory of one linear's
+    quantizer rather than the whole block's. The dense weights get no gradient.
+
+    Args:
+      layer: the layer's dict with dense linears.
+      clips: clipping logits per linear name.
+      quant_config: the quantizer.
+
+    Returns:
+      A new dict (other entries shared).
+    """
+    out = dict(layer)
+    for name, clip in clips.items():
+        out[name] = FakeQuantWeight(layer[name], clip, quant_config)
+    return out
 
 
 def fake_quant_layer(

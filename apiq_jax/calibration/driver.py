@@ -63,6 +63,7 @@ def run_blocks(
     save: Callable[[int, BlockOutput], None] | None = None,
     progress: bool = False,
     on_block_end: Callable[[int, BlockReport], None] | None = None,
+    keep: Callable[[BlockOutput], BlockOutput] | None = None,
 ) -> list[BlockOutput]:
     """Run ``step`` on every block of ``source`` not in ``done``, in order.
 
@@ -75,6 +76,8 @@ def run_blocks(
       save: called as ``save(i, output)`` once block i is finished (checkpointing).
       progress: show tqdm bars (blocks; the step may add one over its epochs).
       on_block_end: called as ``on_block_end(i, report)`` after block i is saved.
+      keep: what of a finished block stays in memory, ``keep(output) -> output`` (e.g. without
+        the LoRA and state a work directory holds; default: everything but the streams).
 
     Returns:
       One :class:`BlockOutput` per block (streams dropped: only the last one is carried).
@@ -92,7 +95,8 @@ def run_blocks(
             if on_block_end is not None:
                 on_block_end(i, out.report)
             streams = out.streams
-            outputs.append(dataclasses.replace(out, streams=None))
+            out = dataclasses.replace(out, streams=None)
+            outputs.append(out if keep is None else keep(out))
     return outputs
 
 

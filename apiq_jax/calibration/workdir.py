@@ -196,7 +196,7 @@ def digest(tree: Any) -> str:
 
 def run_fingerprint(
     method: str, model_config: Any, quant_config: Any, lora_config: Any, options: Any, ids: np.ndarray,
-    params: Any, lora0: Any,
+    params: Any, lora0_digest: str,
 ) -> dict[str, Any]:
     """What identifies a calibration run: equal fingerprints mean a work dir can be resumed.
 
@@ -207,7 +207,7 @@ def run_fingerprint(
       options: the method's options (a dataclass with ``to_dict``).
       ids: the calibration ids.
       params: the dense params (embeddings and layers are digested).
-      lora0: the initial LoRA.
+      lora0_digest: what identifies the initial LoRA (a :func:`digest` of it, or of what makes it).
 
     Returns:
       A JSON-able dict.
@@ -220,5 +220,5 @@ def run_fingerprint(
         "options": options.to_dict(),
         "calib_ids": hashlib.sha256(ids.tobytes() + str(ids.shape).encode()).hexdigest(),
         "params": digest({"embed": params["embed_tokens"], "layers": params["layers"]}),
-        "lora_init": digest(lora0),
+        "lora_init": lora0_digest,
     }

@@ -147,6 +147,34 @@ def check_method_options(method: str, bits: int, sizes: dict[str, int | None]) -
     return spec
 
 
+#: glibc ``mallopt`` parameter number of the mmap threshold
+_M_MMAP_THRESHOLD = -3
+#: allocations at least this big get their own mapping, returned to the OS when freed
+RELEASE_ABOVE_BYTES = 1 << 20
+
+
+def return_freed_host_memory() -> bool:
+    """Have host allocations of at least :data:`RELEASE_ABOVE_BYTES` returned to the OS when freed.
+
+    glibc raises its mmap threshold after every large free (up to 32 MiB), after which
+    blocks of a few MB come from the heap and stay in the process's RSS once freed: about
+    0.3 GB of a block-by-block calibration's peak (benchmarks/RESULTS.md). A fixed threshold
+    stops that. Costs a page fault per page of a new large buffer, negligible for programs
+    run once per block. No-op where the C library is not glibc.
+
+    Returns:
+      Whether the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_ABOVE_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to set
+        return False
+
+
 def print_json(obj: dict[str, Any]) -> None:
     """Print ``obj`` as one JSON line on stdout (the last line every command prints).
 

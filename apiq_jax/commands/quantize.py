@@ -31,6 +31,7 @@ from apiq_jax.commands.common import (
     command_mesh,
     field_default,
     print_json,
+    return_freed_host_memory,
     unwise_option_warnings,
     warn,
 )
@@ -354,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     from apiq_jax.quant import QuantConfig
 
     t0 = time.perf_counter()
+    return_freed_host_memory()  # one block at a time: what a finished block freed leaves the RSS
     mesh = command_mesh(args)
     scheme = check_args(args)
     model_dir, out_dir = _check_paths(args)

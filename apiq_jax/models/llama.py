@@ -51,7 +51,7 @@ from apiq_jax.data import check_ids
 from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.qmatmul import default_backend, qmatmul
-from apiq_jax.quant import QuantizedTensor, dequantize
+from apiq_jax.quant import FakeQuantWeight, QuantizedTensor, dequantize, fake_quant_matmul
 from apiq_jax.sharding import gather_layer
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -401,9 +401,10 @@ def linear(
 
     Args:
       x: activations ``[..., in]``.
-      w: a dense ``[out, in]`` array or a QuantizedTensor (storage or kernel layout; routed
+      w: a dense ``[out, in]`` array, a QuantizedTensor (storage or kernel layout; routed
         to :func:`apiq_jax.qmatmul.qmatmul`: Pallas kernels on GPU/TPU, fused XLA
-        dequant-matmul on CPU).
+        dequant-matmul on CPU) or a :class:`~apiq_jax.quant.FakeQuantWeight` (quantized
+        where used, :func:`~apiq_jax.quant.fake_quant_matmul`, float32).
       lora: the linear's one-linear :class:`~apiq_jax.lora.Lora`, or None.
       bias: optional ``[out]`` bias.
       backend: qmatmul backend for a quantized ``w`` (None: the default).
@@ -414,6 +415,10 @@ def linear(
     if isinstance(w, QuantizedTensor):
         lead = x.shape[:-1]
         y = qmatmul(x.reshape(-1, x.shape[-1]), w, backend=backend).astype(x.dtype).reshape(*lead, w.shape[0])
+    elif isinstance(w, FakeQuantWeight):
+        lead = x.shape[:-1]
+        y = fake_quant_matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w.w, w.clip, w.config)
+        y = y.astype(x.dtype).reshape(*lead, w.shape[0])
     else:
         y = _dense_matmul(x, w)
     if bias is not None:

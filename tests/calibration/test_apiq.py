@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from apiq_jax.calibration import ApiQOptions, apiq_bw, apiq_lw, cloq_init, loftq_init
-from apiq_jax.calibration.apiq import ApiQContext
+from apiq_jax.calibration.apiq import ApiQContext, InitialLora
 from apiq_jax.lora import LINEARS, init_lora
 from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize, init_clip
 from tests.calibration import resume_worker as W
@@ -18,7 +18,7 @@ from tests.calibration import resume_worker as W
 def test_every_block_starts_from_clip_init_and_the_initial_lora():
     params, _ = W.tiny_setup()
     lora0 = init_lora(params, W.LCFG, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
-    ctx = ApiQContext(W.CFG, W.QCFG, ApiQOptions(clip_init=2.5), lora0)
+    ctx = ApiQContext(W.CFG, W.QCFG, ApiQOptions(clip_init=2.5), InitialLora.of(lora0))
     state = ctx.start_state(1, params["layers"][1])
     assert list(state["clip"]) == list(LINEARS)
     for n in LINEARS:
@@ -98,7 +98,8 @@ def test_lora_init_fits_the_clipped_start_and_then_trains():
     q0 = np.asarray(fake_quantize(params["layers"][0]["v_proj"], W.QCFG, clip=init_clip(w.shape, W.QCFG)), np.float64)
     u, s, vt = np.linalg.svd((w - q0).T)
     want = (u[:, :4] * s[:4]) @ vt[:4]
-    ctx = ApiQContext(W.CFG, W.QCFG, ApiQOptions(lora_init="loftq"), init_lora(params, W.LCFG, jax.random.PRNGKey(0)))
+    ctx = ApiQContext(W.CFG, W.QCFG, ApiQOptions(lora_init="loftq"),
+                      InitialLora.of(init_lora(params, W.LCFG, jax.random.PRNGKey(0))))
     layer = {k: jnp.asarray(v, jnp.float32) for k, v in params["layers"][0].items()}
     lora = ctx.fitted_lora(0, layer, ctx.start_state(0, layer), None, None)
     got = W.LCFG.scale * np.asarray(lora["v_proj"]["a"] @ lora["v_proj"]["b"], np.float64)

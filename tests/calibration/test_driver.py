@@ -43,6 +43,14 @@ def test_blocks_run_in_order_one_at_a_time():
     assert frozen_model({"layers": [], "norm": 1}, outputs) == {"layers": [o.frozen for o in outputs], "norm": 1}
 
 
+def test_keep_slims_what_stays_in_memory_after_the_save():
+    saved = []
+    outputs = run_blocks(_step, LazySource(3), [], desc="t", save=lambda i, o: saved.append(o.state),
+                         keep=lambda o: BlockOutput(frozen=o.frozen, report=o.report))
+    assert saved == [{"i": 0}, {"i": 1}, {"i": 2}]  # the save saw everything
+    assert [o.state for o in outputs] == [None, None, None] and [o.frozen for o in outputs][2] == {"w": -2}
+
+
 def test_finished_blocks_are_skipped():
     source = LazySource(3)
     done = [BlockOutput(frozen={"w": 0}, report=BlockReport(0))]

@@ -95,6 +95,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted):
         W.run(work, lora_lr=1e-3)
 
 
+def test_a_run_with_a_work_dir_equals_one_in_memory(tmp_path, uninterrupted, monkeypatch):
+    """Finished blocks' LoRA and clip logits are dropped from memory and read back at the end."""
+    import apiq_jax.calibration.apiq as apiq
+
+    kept = []
+    real = apiq.run_blocks
+    monkeypatch.setattr(apiq, "run_blocks", lambda *a, **k: kept.extend(real(*a, **k)) or list(kept))
+    res = W.run(tmp_path / "work")
+    assert len(kept) == W.CFG.num_hidden_layers and all(o.lora is None and o.state is None for o in kept)
+    assert_same_result(res, uninterrupted)
+
+
 def test_stale_block_state_is_replaced(tmp_path, uninterrupted):
     """A crash between saving a block's state and its streams: the block is redone."""
     work = tmp_path / "work"
