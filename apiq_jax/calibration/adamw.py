@@ -133,7 +133,8 @@ def run_epochs(
     Args:
       loss_fn: ``loss_fn(train, batch) -> (loss, terms)``.
       train0: the initial train state ``{"clip": ..., "lora": ...}``.
-      batches: a pytree whose leaves have a leading batch axis, taken in order.
+      batches: a pytree whose leaves have a leading sample axis ``[n, ...]``; batch i is
+        samples ``[i * bs, (i + 1) * bs)`` with ``bs = opts.batch_size``, taken in order.
       opts: epochs and the optimizer's hyper-parameters.
       progress: a progress token (:meth:`~apiq_jax.calibration.progress.Progress.token`)
         told the mean loss after every epoch, or None.
@@ -145,14 +146,20 @@ def run_epochs(
     opt = make_optimizer(opts)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(carry, batch):
+    bs = opts.batch_size
+    n_batches = jax.tree.leaves(batches)[0].shape[0] // bs
+
+    def step(carry, i):
+        # batch i sliced in place: scanning over [n_batches, bs, ...] views as xs makes XLA
+        # copy the whole caches into the loop (a second copy of every activation cache)
+        batch = jax.tree.map(lambda b: jax.lax.dynamic_slice_in_dim(b, i * bs, bs), batches)
         train, state = carry
         (loss, terms), grads = grad_fn(train, batch)
         updates, state = opt.update(grads, state, train)
         return (optax.apply_updates(train, updates), state), (loss, terms)
 
     def epoch(carry, e):
-        carry, (losses, terms) = jax.lax.scan(step, carry, batches)
+        carry, (losses, terms) = jax.lax.scan(step, carry, jnp.arange(n_batches))
         report_epoch(progress, e, jnp.mean(losses))
         return carry, (losses, terms)
 

@@ -47,6 +47,7 @@ from apiq_jax.calibration.reports import BlockReport, CalibrationReport, Calibra
 from apiq_jax.calibration.workdir import WorkDir, digest, run_fingerprint
 from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora_layer, lora_from_factors
 from apiq_jax.models.config import ModelConfig
+from apiq_jax.models.hf_io import LazyTensor
 from apiq_jax.quant import QuantConfig, init_clip
 
 __all__ = ["ApiQContext", "ApiQStep", "BlockStart", "InitialLora", "calibrate_apiq", "loss_curve"]
@@ -223,13 +224,17 @@ def calibrate_apiq(
     method: str, step: ApiQStep, params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any,
     quant_config: QuantConfig, lora_config: LoraConfig, *, key: jax.Array | None, opts: ApiQOptions,
     lora_init: Mapping[str, Any] | None, work_dir: str | os.PathLike | None, progress: bool,
-    on_block_end: Callable[[int, BlockReport], None] | None,
+    on_block_end: Callable[[int, BlockReport], None] | None, lazy_result: bool = False,
 ) -> CalibrationResult:
     """Run an ApiQ variant: validate, start (or resume) the streams, loop the blocks, assemble.
 
     Args:
       method: "apiq-bw" or "apiq-lw".
       step: the variant's block step.
+      lazy_result: with ``work_dir``, the result's LoRA factors and clipping logits stay on
+        disk (:class:`~apiq_jax.models.hf_io.LazyTensor` leaves, read when converted; write
+        them with ``save_quantized`` before the work directory goes, or ``materialize``
+        them) instead of being read back: memory then holds only the packed model.
       params, model_config, calib_ids, quant_config, lora_config, key, lora_init, work_dir,
         progress, on_block_end: see :func:`apiq_jax.calibration.apiq_bw.apiq_bw`.
       opts: the options.
@@ -263,7 +268,8 @@ def calibrate_apiq(
                              save=save, progress=progress, on_block_end=on_block_end, keep=keep)
         del streams
         if wd is not None:
-            outputs = [dataclasses.replace(o, state=wd.restore_state(i, ctx.start_state(i, params["layers"][i])))
+            read = wd.lazy_state if lazy_result else wd.restore_state
+            outputs = [dataclasses.replace(o, state=read(i, ctx.start_state(i, params["layers"][i])))
                        for i, o in enumerate(outputs)]
             outputs = [dataclasses.replace(o, lora=o.state["lora"]) for o in outputs]
     finally:
@@ -313,11 +319,18 @@ def _result(params: Mapping[str, Any], ctx: ApiQContext, lora_config: LoraConfig
     lora_layers = []
     for i, o in enumerate(outputs):
         start = ctx.lora0.layer(i)  # its factors' dtypes are the result's
-        lora_layers.append({n: {k: v.astype(start[n][k].dtype) for k, v in o.lora[n].factors.items()}
+        lora_layers.append({n: {k: _as_dtype(v, start[n][k].dtype) for k, v in o.lora[n].factors.items()}
                             for n in lora_config.targets})
     clips = {"layers": [{n: o.state["clip"][n] for n in LINEARS} for o in outputs]}
     return CalibrationResult(frozen_model(params, outputs), Lora({"layers": lora_layers}, lora_config), report,
                              {"clip": clips})
+
+
+def _as_dtype(x: Any, dtype: Any) -> Any:
+    """``x.astype(dtype)``; a lazily read tensor stays lazy (it is read in ``dtype``)."""
+    if isinstance(x, LazyTensor):
+        return LazyTensor(x.path, x.key, x.shape, dtype)
+    return x.astype(dtype)
 
 
 def loss_curve(losses: Any) -> tuple[float, ...]:

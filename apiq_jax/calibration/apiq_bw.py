@@ -61,7 +61,8 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
             lora_config: LoraConfig, *, key: jax.Array | None = None, options: ApiQOptions = ApiQOptions(),
             lora_init: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None,
             progress: bool = False,
-            on_block_end: Callable[[int, BlockReport], None] | None = None) -> CalibrationResult:
+            on_block_end: Callable[[int, BlockReport], None] | None = None,
+            lazy_result: bool = False) -> CalibrationResult:
     """ApiQ-bw calibration (block-wise), as in the reference ``calibrate()``.
 
     Args:
@@ -82,6 +83,9 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
       progress: show tqdm bars (blocks, and epochs with the running loss).
       on_block_end: called as ``on_block_end(i, block_report)`` after block i is finished
         (and checkpointed).
+      lazy_result: with ``work_dir``, leave the result's LoRA and clipping logits in the work
+        directory as lazily read tensors (save them before deleting it): memory then holds
+        only the packed model (what ``apiq-jax quantize`` does).
 
     Returns:
       :class:`~apiq_jax.calibration.reports.CalibrationResult`: frozen params with
@@ -111,5 +115,6 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
     return calibrate_apiq(
         "apiq-bw", bw_step, params, model_config, calib_ids, quant_config, lora_config, key=key, opts=options,
         lora_init=lora_init, work_dir=work_dir, progress=progress, on_block_end=on_block_end,
+        lazy_result=lazy_result,
     )
 

@@ -27,6 +27,7 @@ from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward
 from apiq_jax.quant import QuantConfig
+from apiq_jax.quant.fake_linear import depend_on
 
 __all__ = ["bw_block_loss", "train_block_bw"]
 
@@ -75,13 +76,13 @@ def _batch_split(batch_size: int) -> PartitionSpec | None:
     the step runs replicated.
 
     Returns:
-      The spec of the batched caches ``[n_batches, batch_size, ...]``, or None.
+      The spec of one batch ``[batch_size, ...]``, or None.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names:
         return None
     try:
-        return PartitionSpec(None, *sharding.batch_spec(mesh, batch_size))
+        return PartitionSpec(*sharding.batch_spec(mesh, batch_size))
     except ValueError:
         return None
 
@@ -109,19 +110,15 @@ def train_block_bw(
     Returns:
       ``(train, losses [epochs, n_batches], terms [epochs, n_batches, 2])``.
     """
-    bs = opts.batch_size
-    nb = x_q.shape[0] // bs
-    split = _batch_split(bs)
-
-    def batched(x):
-        if x is None:
-            return None
-        x = x.reshape(nb, bs, *x.shape[1:])
-        return x if split is None else jax.lax.with_sharding_constraint(x, split)
+    split = _batch_split(opts.batch_size)
 
     def loss_fn(train, batch):
+        if split is not None:
+            batch = tuple(None if v is None else jax.lax.with_sharding_constraint(v, split) for v in batch)
         # one batch of the (possibly 16-bit) caches at a time, in float32 like the block's weights
+        # (tied to the step's state: XLA would otherwise convert whole caches ahead of the loop)
+        batch = depend_on(batch, train["clip"])
         xb, t1b, t2b = (None if v is None else v.astype(jnp.float32) for v in batch)
         return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
 
-    return run_epochs(loss_fn, train0, (batched(x_q), batched(t1), batched(t2)), opts, progress)
+    return run_epochs(loss_fn, train0, (x_q, t1, t2), opts, progress)

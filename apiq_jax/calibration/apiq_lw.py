@@ -76,7 +76,7 @@ def apiq_lw(
     params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any, quant_config: QuantConfig,
     lora_config: LoraConfig, *, key: jax.Array | None = None, options: ApiQOptions = ApiQOptions(),
     lora_init: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None, progress: bool = False,
-    on_block_end: Callable[[int, BlockReport], None] | None = None,
+    on_block_end: Callable[[int, BlockReport], None] | None = None, lazy_result: bool = False,
 ) -> CalibrationResult:
     """ApiQ-lw calibration (layer-wise): one stage of input-sharing linears at a time.
 
@@ -86,7 +86,7 @@ def apiq_lw(
 
     Args:
       params, model_config, calib_ids, quant_config, lora_config, key, options, lora_init,
-        work_dir, progress, on_block_end: as for :func:`apiq_jax.calibration.apiq_bw.apiq_bw`
+        work_dir, progress, on_block_end, lazy_result: as for :func:`apiq_jax.calibration.apiq_bw.apiq_bw`
         (``options.epochs`` passes per stage).
 
     Returns:
@@ -100,4 +100,5 @@ def apiq_lw(
     return calibrate_apiq(
         "apiq-lw", lw_step, params, model_config, calib_ids, quant_config, lora_config, key=key, opts=opts,
         lora_init=lora_init, work_dir=work_dir, progress=progress, on_block_end=on_block_end,
+        lazy_result=lazy_result,
     )

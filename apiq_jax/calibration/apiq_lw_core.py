@@ -95,13 +95,9 @@ def train_stage_lw(layer: Mapping[str, Any], train0: Mapping[str, Any], x: jnp.n
     Returns:
       ``(train, losses [epochs, n_batches], losses [epochs, n_batches, 1])``.
     """
-    bs = opts.batch_size
-    nb = x.shape[0] // bs
-    batches = (x.reshape(nb, bs, *x.shape[1:]), xq.reshape(nb, bs, *xq.shape[1:]))
-
     def loss_fn(train, batch):
         x_in, xq_in = (v.astype(jnp.float32) for v in batch)  # 16-bit caches: computed in float32
         loss = lw_stage_loss(train, layer, x_in, xq_in, names, lora_names, qcfg)
         return loss, loss[None]
 
-    return run_epochs(loss_fn, train0, batches, opts, progress)
+    return run_epochs(loss_fn, train0, (x, xq), opts, progress)

@@ -4,6 +4,8 @@ Layout (every checkpoint through :class:`apiq_jax.checkpoint.Checkpointer`)::
 
     fingerprint.json      what the run is (method, configs, options, digests of params and ids)
     blocks/<i>/           block i's state (ApiQ: clip logits + LoRA), every block kept
+    finished/<i>.safetensors   the same state as one safetensors file, read lazily (one tensor
+                          at a time) by a result that is not held in memory
     streams/<i>/          the activations after block i; only the newest is kept, and its
                           presence marks block i (and all before it) as finished
     block_reports.json    the finished blocks' reports
@@ -30,6 +32,7 @@ import numpy as np
 from apiq_jax.calibration.reports import BlockReport
 from apiq_jax.checkpoint import Checkpointer, restore_failure
 from apiq_jax.models.hf_io import LazyTensor
+from apiq_jax.models.safetensors_io import read_header, write_safetensors
 
 __all__ = ["WorkDir", "digest", "run_fingerprint"]
 
@@ -53,6 +56,11 @@ class WorkDir:
         self.streams = Checkpointer(self.path / "streams", max_to_keep=1)
         for stale in _step_dirs(self.path / "blocks", first=self.next_block()):
             shutil.rmtree(stale)  # a state saved by a run killed before its streams were
+        self.finished_dir = self.path / "finished"
+        self.finished_dir.mkdir(exist_ok=True)
+        for stale in self.finished_dir.glob("*.safetensors"):
+            if stale.stem.isdigit() and int(stale.stem) >= self.next_block():
+                stale.unlink()
         self.blocks = Checkpointer(self.path / "blocks", max_to_keep=max(1, n_blocks))
         self.reports_file = self.path / "block_reports.json"
 
@@ -104,6 +112,8 @@ class WorkDir:
           None.
         """
         self.blocks.save(i, state)
+        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        write_safetensors(self._finished_file(i), {jax.tree_util.keystr(k): v for k, v in leaves})
         reports = {k: v.to_dict() for k, v in self.reports().items() if k < i}
         reports[i] = report.to_dict()
         _atomic_write(self.reports_file, json.dumps({str(k): v for k, v in sorted(reports.items())}, indent=1))
@@ -120,6 +130,38 @@ class WorkDir:
           The restored state.
         """
         return self._restore(self.blocks, i, template)
+
+    def _finished_file(self, i: int) -> Path:
+        return self.finished_dir / f"{i}.safetensors"
+
+    def lazy_state(self, i: int, template: Any) -> Any:
+        """Block ``i``'s state as :class:`~apiq_jax.models.hf_io.LazyTensor` leaves (nothing read yet).
+
+        Args:
+          i: a finished block.
+          template: a pytree like the saved state; its leaves' dtypes are the dtypes the
+            lazy tensors are read in.
+
+        Returns:
+          The state, each leaf read from ``finished/<i>.safetensors`` when converted to an array.
+
+        Raises:
+          ValueError: the file is missing or does not hold the template's tensors.
+        """
+        file = self._finished_file(i)
+        try:
+            header = read_header(file)[0]
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the work directory {self.path} lacks block {i}'s state ({e}); delete it (or pass "
+                             "--overwrite) and start over") from e
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        lazy = []
+        for path, leaf in leaves:
+            key = jax.tree_util.keystr(path)
+            if key not in header or tuple(header[key].shape) != tuple(leaf.shape):
+                raise ValueError(f"{file} does not hold {key} {tuple(leaf.shape)}; delete {self.path} and start over")
+            lazy.append(LazyTensor(file, key, leaf.shape, leaf.dtype))
+        return jax.tree_util.tree_unflatten(treedef, lazy)
 
     def restore_streams(self, i: int, template: Any) -> Any:
         """The streams saved after block ``i`` (the newest finished one).

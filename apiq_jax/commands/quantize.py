@@ -272,6 +272,7 @@ def method_options(
     opts: dict[str, Any] = {"progress": progress}
     if "work_dir" in defaults and work_dir is not None:
         opts["work_dir"] = work_dir
+        opts["lazy_result"] = True  # finished blocks' LoRA and logits are read from work_dir as they are saved
     if "options" in defaults:
         fields = {"epochs": epochs, "cache_dtype": cache_dtype, "lora_init": lora_init}
         fields = {k: v for k, v in fields.items() if v is not None}

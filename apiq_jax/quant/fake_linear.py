@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from apiq_jax.quant.normalfloat import nf_codebook
 from apiq_jax.quant.ste import round_ste
 from apiq_jax.quant.uniform import fake_quantize, group_codes, group_params, true_divide
 
-__all__ = ["FakeQuantWeight", "fake_quant_matmul"]
+__all__ = ["FakeQuantWeight", "depend_on", "fake_quant_matmul"]
 
 
 @jax.tree_util.register_dataclass
@@ -95,22 +96,36 @@ def fake_quant_matmul(x: jnp.ndarray, w: jnp.ndarray, clip: ClipLogits, config: 
     return x @ fake_quantize(w, config, clip=clip).T
 
 
-def _after(clip: ClipLogits, t: jnp.ndarray) -> ClipLogits:
-    """``clip`` unchanged, but computed from ``t``: the quantizer of ``clip`` waits for ``t``.
+def depend_on(tree: Any, t: Any) -> Any:
+    """``tree`` unchanged, but computed from ``t``: whatever is derived from it waits for ``t``.
 
-    XLA's CPU scheduler otherwise computes every linear's ``Q(W)`` (which depends on the
-    parameters alone) at the start of the pass, all alive at once; optimization barriers do
-    not order it (they become control dependencies that this scheduler ignores). Adding
-    ``0 * finite(t[0])`` to the (per-group, small) logits is a data dependency that no
-    simplifier removes (``0 * x`` is not folded for floats) and leaves them bit for bit.
+    XLA's CPU scheduler otherwise computes what depends on parameters alone as early as it
+    likes: every linear's ``Q(W)`` at the start of the pass, all alive at once, or a whole
+    activation cache converted to float32 ahead of the loop that slices it. Optimization
+    barriers do not order that (they become control dependencies this scheduler ignores).
+    Adding ``0 * finite(first element of t)`` is a data dependency that no simplifier removes
+    (``0 * x`` is not folded for floats) and leaves ``tree`` bit for bit.
+
+    Args:
+      tree: a pytree of floating arrays (best small, or consumed by one fusion: it is copied
+        where XLA does not fuse the addition).
+      t: any array or pytree of arrays (its first leaf's first element is read).
+
+    Returns:
+      ``tree``, equal bit for bit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> depend_on({"a": jnp.ones(2)}, jnp.full(3, jnp.inf))["a"].tolist()
+      [1.0, 1.0]
     """
-    first = t.reshape(-1)[0].astype(jnp.float32)
+    first = jax.tree.leaves(t)[0].reshape(-1)[0].astype(jnp.float32)
     zero = 0.0 * jnp.where(jnp.isfinite(first), first, 0.0)
-    return jax.tree.map(lambda c: c + zero.astype(c.dtype), clip)
+    return jax.tree.map(lambda c: c + zero.astype(c.dtype), tree)
 
 
 def _fwd(x, w, clip, config):
-    return x @ fake_quantize(w, config, clip=_after(clip, x)).T, (x, w, clip)
+    return x @ fake_quantize(w, config, clip=depend_on(clip, x)).T, (x, w, clip)
 
 
 def _dscale_terms(w: jnp.ndarray, clip: ClipLogits, config: QuantConfig) -> jnp.ndarray:
@@ -133,8 +148,8 @@ def _bwd(config, res, g):
     gs = config.resolve_group_size(k)
     # each recomputation waits for this linear's cotangent, and the two are kept apart (XLA
     # then fuses each into one pass instead of materialising what they share)
-    dx = g @ fake_quantize(w, config, clip=_after(clip, g))
-    clip2 = _after(clip, dx)
+    dx = g @ fake_quantize(w, config, clip=depend_on(clip, g))
+    clip2 = depend_on(clip, dx)
     dq = (g.T @ x).astype(jnp.float32)
     pad = num_groups(k, gs) * gs - k
     dq = jnp.pad(dq, [(0, 0), (0, pad)]).reshape(*dq.shape[:-1], -1, gs)  # padded columns get no gradient

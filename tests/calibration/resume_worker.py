@@ -31,7 +31,7 @@ def tiny_setup() -> tuple[dict, np.ndarray]:
     return params, ids
 
 
-def run(work_dir, pause_after_block: int | None = None, **options):
+def run(work_dir, pause_after_block: int | None = None, lazy_result: bool = False, **options):
     """ApiQ-bw on :func:`tiny_setup` (``EPOCHS`` epochs; ``options`` override other ApiQOptions fields)."""
     from apiq_jax.calibration import ApiQOptions, apiq_bw
 
@@ -43,7 +43,8 @@ def run(work_dir, pause_after_block: int | None = None, **options):
             time.sleep(600)
 
     return apiq_bw(params, CFG, ids, QCFG, LCFG, key=jax.random.PRNGKey(1),
-                   options=ApiQOptions(epochs=EPOCHS, **options), work_dir=work_dir, on_block_end=hook)
+                   options=ApiQOptions(epochs=EPOCHS, **options), work_dir=work_dir, on_block_end=hook,
+                   lazy_result=lazy_result)
 
 
 if __name__ == "__main__":

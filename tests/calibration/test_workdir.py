@@ -3,6 +3,7 @@ bit-identical result, stale states are redone, a different run is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,6 +106,20 @@ def test_a_run_with_a_work_dir_equals_one_in_memory(tmp_path, uninterrupted, mon
     res = W.run(tmp_path / "work")
     assert len(kept) == W.CFG.num_hidden_layers and all(o.lora is None and o.state is None for o in kept)
     assert_same_result(res, uninterrupted)
+
+
+def test_a_lazy_result_stays_on_disk_until_saved(tmp_path, uninterrupted):
+    """lazy_result: LoRA and clip logits are LazyTensors of the work dir; saved, they equal the in-memory run."""
+    from apiq_jax.models import load_quantized, save_quantized
+    from apiq_jax.models.hf_io import LazyTensor, materialize
+
+    res = W.run(tmp_path / "work", lazy_result=True)
+    leaves = jax.tree.leaves(res.lora.factors) + jax.tree.leaves(res.extras["clip"])
+    assert leaves and all(isinstance(x, LazyTensor) for x in leaves)
+    res = dataclasses.replace(res, extras=materialize(res.extras))
+    out = save_quantized(tmp_path / "q", res.params, res.lora, W.CFG)
+    _, lora, _, _ = load_quantized(out)
+    assert_same_result(dataclasses.replace(res, lora=lora), uninterrupted)
 
 
 def test_stale_block_state_is_replaced(tmp_path, uninterrupted):
