@@ -9,7 +9,8 @@ of the compiled programs from XLA itself (``jit(...).lower(abstract shapes).comp
 its peak is the larger of *calibrating the last block* (runtime, the block in its storage
 dtype and in float32, the block program's temporaries, the activation caches, the packed
 model so far: a finished block's LoRA and clipping logits wait in the work directory) and
-*saving* (runtime, the packed model, LoRA and clipping logits, embeddings and head). ``finetune``: the compiled step's temp + argument + output bytes.
+*saving* (runtime, the packed model, embeddings and head; ApiQ's LoRA is copied from the work
+directory one tensor at a time). ``finetune``: the compiled step's temp + argument + output bytes.
 
 Example:
   >>> from apiq_jax.memory_plan import QuantizePlanInputs, packed_layer_bytes
@@ -199,9 +200,7 @@ def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | 
     block = sum(int(np.prod(s)) for s in layer_param_shapes(config).values())
     layers = config.num_hidden_layers
     packed = packed_layer_bytes(config, p.quant_config)
-    per_layer = packed + lora_layer_bytes(config, p.lora_config)
-    if trains:
-        per_layer += clip_layer_bytes(config, p.quant_config)
+    per_layer = packed + lora_layer_bytes(config, p.lora_config)  # the baselines hold their LoRA
     stream = p.nsamples * p.seqlen * config.hidden_size * cache
     n_caches = (3 if p.aug_loss and p.method == "apiq-bw" else 2) if trains else 2
     embed = config.vocab_size * config.hidden_size * storage
@@ -214,9 +213,13 @@ def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | 
         "block program temporaries": _block_train_temp(config, p) if trains else _quantize_temp(config, p.quant_config),
         "activation caches": n_caches * stream,
         # ApiQ (`quantize` always has a work directory): LoRA and logits of finished blocks are on disk
-        "packed layers so far" if trains else "packed layers, LoRA so far": (layers - 1) * (packed if trains else per_layer),
+        **({"packed layers so far": (layers - 1) * packed} if trains
+           else {"packed layers, LoRA so far": (layers - 1) * per_layer}),
     }
-    saving = {"runtime": base, "packed layers, LoRA, clip": layers * per_layer, "embeddings and head": embed + head}
+    if trains:  # the LoRA and logits are read from the work directory one tensor at a time as they are written
+        saving = {"runtime": base, "packed layers": layers * packed, "embeddings and head": embed + head}
+    else:
+        saving = {"runtime": base, "packed layers, LoRA": layers * per_layer, "embeddings and head": embed + head}
     a, b = sum(calibrating.values()), sum(saving.values())
     if a >= b:
         return MemoryPlan("quantize", a, calibrating, "calibrating the last block")

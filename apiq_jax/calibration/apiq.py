@@ -122,7 +122,8 @@ class ApiQContext:
 
         Args:
           i: the block index.
-          layer: its params (arrays or lazily read tensors; read once here, to float32).
+          layer: its params (arrays or lazily read tensors; each read once here, straight to
+            float32: the block is not also held in its storage dtype).
           streams: ``{"x_fp", "x_q"}`` block inputs ``[n, s, D]``.
           consume_fp: compute ``t1`` in the buffer of ``streams["x_fp"]`` (donated: no
             extra cache); False when the step still needs ``x_fp`` (ApiQ-lw).
@@ -265,7 +266,8 @@ def calibrate_apiq(
             done = [keep(o) for o in done]
         save = None if wd is None else (lambda i, out: wd.save(i, out.state, out.streams, out.report))
         outputs = run_blocks(partial(step, ctx), params["layers"], streams, desc=method, done=done or (),
-                             save=save, progress=progress, on_block_end=on_block_end, keep=keep)
+                             save=save, progress=progress, on_block_end=on_block_end, keep=keep,
+                             materialize_layers=False)  # begin() reads each tensor straight to float32
         del streams
         if wd is not None:
             read = wd.lazy_state if lazy_result else wd.restore_state

@@ -64,6 +64,7 @@ def run_blocks(
     progress: bool = False,
     on_block_end: Callable[[int, BlockReport], None] | None = None,
     keep: Callable[[BlockOutput], BlockOutput] | None = None,
+    materialize_layers: bool = True,
 ) -> list[BlockOutput]:
     """Run ``step`` on every block of ``source`` not in ``done``, in order.
 
@@ -78,6 +79,9 @@ def run_blocks(
       on_block_end: called as ``on_block_end(i, report)`` after block i is saved.
       keep: what of a finished block stays in memory, ``keep(output) -> output`` (e.g. without
         the LoRA and state a work directory holds; default: everything but the streams).
+      materialize_layers: read a lazily read block before its step (False: the step gets
+        the lazy tensors and reads each once, e.g. straight into float32, so the block is
+        never held in its storage dtype too).
 
     Returns:
       One :class:`BlockOutput` per block (streams dropped: only the last one is carried).
@@ -87,7 +91,9 @@ def run_blocks(
         for i in range(len(outputs), len(source)):
             interrupts.check()  # a Ctrl-C whose exception was swallowed stops here, block i-1 saved
             timer = Stopwatch()
-            out = step(i, materialize(source[i]), streams, bar)  # a lazily read block: read now, dropped after
+            layer = materialize(source[i]) if materialize_layers else source[i]  # a lazily read block: read now
+            out = step(i, layer, streams, bar)
+            del layer
             out = dataclasses.replace(out, report=dataclasses.replace(out.report, seconds=timer.elapsed()))
             if save is not None:
                 save(i, out)
