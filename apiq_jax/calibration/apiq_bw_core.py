@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec
 
 import apiq_jax.sharding as sharding
 from apiq_jax.calibration.adamw import run_epochs
-from apiq_jax.calibration.blocks import fake_quant_weights
+from apiq_jax.calibration.blocks import fake_quant_layer
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import block_forward
@@ -59,7 +59,7 @@ def bw_block_loss(
     Returns:
       ``(loss, [term_fp, term_fp2])`` (the second term 0 without ``t2``).
     """
-    qlayer = fake_quant_weights(layer, train["clip"], qcfg)  # quantized where used: low training memory
+    qlayer = fake_quant_layer(layer, train["clip"], qcfg, on_use=True)  # quantized where used: low training memory
     y = block_forward(qlayer, x_q, config, lora=train["lora"], layer_idx=layer_idx)
     l1 = jnp.mean((t1 - y) ** 2)
     l2 = jnp.mean((t2 - y) ** 2) if t2 is not None else jnp.zeros((), l1.dtype)

@@ -338,32 +338,8 @@ def with_quantized(layer: Mapping[str, Any], quantized: Mapping[str, QuantizedTe
     return {k: quantized[k] if k in quantized else jnp.asarray(v) for k, v in layer.items()}
 
 
-def fake_quant_weights(
-    layer: Mapping[str, Any], clips: Mapping[str, ClipLogits], quant_config: QuantConfig
-) -> dict[str, Any]:
-    """The layer with every linear in ``clips`` as a :class:`~apiq_jax.quant.FakeQuantWeight`.
-
-    In a block's forward pass, the values and logit gradients of :func:`fake_quant_layer`,
-    with each linear quantized where it is used and again, one at a time, for its gradient
-    (:func:`~apiq_jax.quant.fake_quant_matmul`): the training memory of one linear's
-    quantizer rather than the whole block's. The dense weights get no gradient.
-
-    Args:
-      layer: the layer's dict with dense linears.
-      clips: clipping logits per linear name.
-      quant_config: the quantizer.
-
-    Returns:
-      A new dict (other entries shared).
-    """
-    out = dict(layer)
-    for name, clip in clips.items():
-        out[name] = FakeQuantWeight(layer[name], clip, quant_config)
-    return out
-
-
 def fake_quant_layer(
-    layer: Mapping[str, Any], clips: Mapping[str, ClipLogits], quant_config: QuantConfig
+    layer: Mapping[str, Any], clips: Mapping[str, ClipLogits], quant_config: QuantConfig, *, on_use: bool = False,
 ) -> dict[str, Any]:
     """The layer with every linear in ``clips`` fake-quantized (differentiable in the logits).
 
@@ -371,11 +347,17 @@ def fake_quant_layer(
       layer: the layer's dict with dense linears.
       clips: clipping logits per linear name.
       quant_config: the quantizer.
+      on_use: each linear as a :class:`~apiq_jax.quant.FakeQuantWeight` instead: the same
+        values and logit gradients in a block's forward pass, but quantized where it is used
+        and again, one linear at a time, for its gradient
+        (:func:`~apiq_jax.quant.fake_quant_matmul`), so training holds one linear's quantizer
+        rather than the whole block's; the dense weights then get no gradient.
 
     Returns:
       A new dict (other entries shared).
     """
     out = dict(layer)
     for name, clip in clips.items():
-        out[name] = fake_quantize(layer[name], quant_config, clip=clip)
+        w = layer[name]
+        out[name] = FakeQuantWeight(w, clip, quant_config) if on_use else fake_quantize(w, quant_config, clip=clip)
     return out

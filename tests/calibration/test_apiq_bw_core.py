@@ -75,24 +75,9 @@ def test_train_block_losses_are_taken_before_each_step(golden):
 
 def test_the_block_program_reads_float32_caches_in_place():
     """More samples add no temporary memory: batches are sliced from the caches, not copied whole."""
-    from apiq_jax.lora import LoraConfig, init_lora
-    from apiq_jax.models import ModelConfig
-    from apiq_jax.models.llama import layer_param_shapes
-    from apiq_jax.quant import QuantConfig, init_clip
+    from tests.calibration.block_memory import train_block_temp
 
-    cfg = ModelConfig("LlamaForCausalLM", 1000, 256, 688, 1, 4, 4, 64)
-    qcfg = QuantConfig(bits=2, group_size=64)
-    shapes = layer_param_shapes(cfg)
-    layer = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-    lora = init_lora({"layers": [{n: jnp.zeros(shapes[n]) for n in LINEARS}]}, LoraConfig(rank=8),
-                     jax.random.key(0))["layers"][0]
-    train = {"clip": {n: init_clip(shapes[n], qcfg) for n in LINEARS}, "lora": lora}
-
-    def temp(n: int) -> int:
-        x = jax.ShapeDtypeStruct((n, 64, 256), jnp.float32)
-        compiled = train_block_bw.lower(layer, train, x, x, x, None, config=cfg, qcfg=qcfg,
-                                        opts=ApiQOptions(epochs=2)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
+    few, _ = train_block_temp(256, 688, 4, rank=8, samples=4, seqlen=64)
+    many, _ = train_block_temp(256, 688, 4, rank=8, samples=32, seqlen=64)
     extra_caches = 3 * 28 * 64 * 256 * 4  # x_q, t1, t2 of 28 more samples
-    assert temp(32) - temp(4) < 0.1 * extra_caches
+    assert many - few < 0.1 * extra_caches

@@ -70,29 +70,11 @@ def test_block_training_memory_is_about_half_of_autodiffs(monkeypatch):
     """One ApiQ-bw block program (hidden 512, mlp 1408, r 16): XLA's temp bytes with and without it."""
     import apiq_jax.calibration.apiq_bw_core as core
     from apiq_jax.calibration import blocks
-    from apiq_jax.calibration.options import ApiQOptions
-    from apiq_jax.lora import LINEARS, LoraConfig, init_lora
-    from apiq_jax.models import ModelConfig
-    from apiq_jax.models.llama import layer_param_shapes
+    from tests.calibration.block_memory import train_block_temp
 
-    cfg = ModelConfig("LlamaForCausalLM", 1000, 512, 1408, 1, 8, 8, 64)
-    qcfg = QuantConfig(bits=2, group_size=64)
-    shapes = layer_param_shapes(cfg)
-    layer = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-    lora = init_lora({"layers": [{n: jnp.zeros(shapes[n]) for n in LINEARS}]}, LoraConfig(rank=16),
-                     jax.random.key(0))["layers"][0]
-    train = {"clip": {n: init_clip(shapes[n], qcfg) for n in LINEARS}, "lora": lora}
-    x = jax.ShapeDtypeStruct((4, 32, 512), jnp.float32)
-
-    def temp() -> int:
-        core.train_block_bw.clear_cache()
-        compiled = core.train_block_bw.lower(layer, train, x, x, x, None, config=cfg, qcfg=qcfg,
-                                             opts=ApiQOptions(epochs=1)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    frugal = temp()
-    monkeypatch.setattr(core, "fake_quant_weights", blocks.fake_quant_layer)  # plain autodiff
-    plain = temp()
-    weights = sum(int(np.prod(shapes[n])) for n in LINEARS) * 4
+    frugal, weights = train_block_temp(512, 1408, 8, rank=16, samples=4, seqlen=32)
+    monkeypatch.setattr(core, "fake_quant_layer",  # plain autodiff through the quantizer
+                        lambda layer, clips, qcfg, on_use=False: blocks.fake_quant_layer(layer, clips, qcfg))
+    plain, _ = train_block_temp(512, 1408, 8, rank=16, samples=4, seqlen=32)
     assert plain > 3 * weights  # autodiff: Q(W) and its residuals for every linear at once
     assert frugal < 0.6 * plain, (frugal, plain)
