@@ -257,7 +257,7 @@ def calibrate_apiq(
     wd = done = None
     if work_dir is not None:
         wd = WorkDir(work_dir, run_fingerprint(method, model_config, quant_config, lora_config, opts, ids, params,
-                                               ctx.lora0.digest), model_config.num_hidden_layers)
+                                               ctx.lora0.digest))
     # with a work directory, a finished block's LoRA and clip logits live there until the end
     keep = None if wd is None else (lambda out: dataclasses.replace(out, lora=None, state=None))
     try:
@@ -320,7 +320,7 @@ def _result(params: Mapping[str, Any], ctx: ApiQContext, lora_config: LoraConfig
             report: CalibrationReport) -> CalibrationResult:
     lora_layers = []
     for i, o in enumerate(outputs):
-        start = ctx.lora0.layer(i)  # its factors' dtypes are the result's
+        start = jax.eval_shape(lambda i=i: ctx.lora0.layer(i))  # its factors' dtypes are the result's (not re-made)
         lora_layers.append({n: {k: _as_dtype(v, start[n][k].dtype) for k, v in o.lora[n].factors.items()}
                             for n in lora_config.targets})
     clips = {"layers": [{n: o.state["clip"][n] for n in LINEARS} for o in outputs]}

@@ -1,13 +1,14 @@
 """The resumable work directory of a calibration run (:class:`WorkDir`).
 
-Layout (every checkpoint through :class:`apiq_jax.checkpoint.Checkpointer`)::
+Layout::
 
     fingerprint.json      what the run is (method, configs, options, digests of params and ids)
-    blocks/<i>/           block i's state (ApiQ: clip logits + LoRA), every block kept
-    finished/<i>.safetensors   the same state as one safetensors file, read lazily (one tensor
-                          at a time) by a result that is not held in memory
-    streams/<i>/          the activations after block i; only the newest is kept, and its
-                          presence marks block i (and all before it) as finished
+    finished/<i>.safetensors   block i's state (ApiQ: clip logits + LoRA), every block kept,
+                          written atomically; read back whole (resume) or one tensor at a time
+                          (a result that is not held in memory)
+    streams/<i>/          the activations after block i (an orbax checkpoint through
+                          :class:`apiq_jax.checkpoint.Checkpointer`); only the newest is kept,
+                          and its presence marks block i (and all before it) as finished
     block_reports.json    the finished blocks' reports
 
 A run killed at any point resumes after the last block whose streams were written, with a
@@ -21,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from apiq_jax.calibration.reports import BlockReport
 from apiq_jax.checkpoint import Checkpointer, restore_failure
-from apiq_jax.models.hf_io import LazyTensor
+from apiq_jax.models.hf_io import LazyTensor, materialize
 from apiq_jax.models.safetensors_io import read_header, write_safetensors
 
 __all__ = ["WorkDir", "digest", "run_fingerprint"]
@@ -43,25 +43,21 @@ class WorkDir:
     Args:
       path: the directory (created).
       fingerprint: JSON-able description of the run (:func:`run_fingerprint`).
-      n_blocks: number of blocks (all block states are kept).
 
     Raises:
       ValueError: ``path`` holds a different run (the message names what differs).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], n_blocks: int) -> None:
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self._check_fingerprint(fingerprint)
         self.streams = Checkpointer(self.path / "streams", max_to_keep=1)
-        for stale in _step_dirs(self.path / "blocks", first=self.next_block()):
-            shutil.rmtree(stale)  # a state saved by a run killed before its streams were
         self.finished_dir = self.path / "finished"
         self.finished_dir.mkdir(exist_ok=True)
         for stale in self.finished_dir.glob("*.safetensors"):
             if stale.stem.isdigit() and int(stale.stem) >= self.next_block():
-                stale.unlink()
-        self.blocks = Checkpointer(self.path / "blocks", max_to_keep=max(1, n_blocks))
+                stale.unlink()  # a state saved by a run killed before its streams were
         self.reports_file = self.path / "block_reports.json"
 
     def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
@@ -111,9 +107,8 @@ class WorkDir:
         Returns:
           None.
         """
-        self.blocks.save(i, state)
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-        write_safetensors(self._finished_file(i), {jax.tree_util.keystr(k): v for k, v in leaves})
+        write_safetensors(self._finished_file(i), {jax.tree_util.keystr(k): v for k, v in leaves})  # atomic
         reports = {k: v.to_dict() for k, v in self.reports().items() if k < i}
         reports[i] = report.to_dict()
         _atomic_write(self.reports_file, json.dumps({str(k): v for k, v in sorted(reports.items())}, indent=1))
@@ -127,9 +122,21 @@ class WorkDir:
           template: a pytree like the saved state.
 
         Returns:
-          The restored state.
+          The restored state (device arrays).
+
+        Raises:
+          ValueError: the state file is missing or damaged (the message says how to discard the
+            work directory).
         """
-        return self._restore(self.blocks, i, template)
+        lazy = self.lazy_state(i, template)
+        try:
+            return materialize(lazy)
+        except ValueError as e:
+            raise self._damaged(i, e) from e
+
+    def _damaged(self, i: int, why: Any) -> ValueError:
+        return ValueError(f"block {i}'s state {self._finished_file(i)} of the work directory is missing or corrupt "
+                          f"({why}); delete {self.path} to discard it (or pass --overwrite) and start over")
 
     def _finished_file(self, i: int) -> Path:
         return self.finished_dir / f"{i}.safetensors"
@@ -152,14 +159,13 @@ class WorkDir:
         try:
             header = read_header(file)[0]
         except (OSError, ValueError) as e:
-            raise ValueError(f"the work directory {self.path} lacks block {i}'s state ({e}); delete it (or pass "
-                             "--overwrite) and start over") from e
+            raise self._damaged(i, e) from e
         leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
         lazy = []
         for path, leaf in leaves:
             key = jax.tree_util.keystr(path)
             if key not in header or tuple(header[key].shape) != tuple(leaf.shape):
-                raise ValueError(f"{file} does not hold {key} {tuple(leaf.shape)}; delete {self.path} and start over")
+                raise self._damaged(i, f"it does not hold {key} {tuple(leaf.shape)}")
             lazy.append(LazyTensor(file, key, leaf.shape, leaf.dtype))
         return jax.tree_util.tree_unflatten(treedef, lazy)
 
@@ -186,20 +192,12 @@ class WorkDir:
             ) from e
 
     def close(self) -> None:
-        """Close the checkpointers.
+        """Close the streams' checkpointer.
 
         Returns:
           None.
         """
-        self.blocks.close()
         self.streams.close()
-
-
-def _step_dirs(directory: Path, first: int) -> list[Path]:
-    """Checkpoint step directories (named by their step) of steps ``>= first``."""
-    if not directory.is_dir():
-        return []
-    return [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= first]
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -22,6 +22,7 @@ from apiq_jax.calibration import CalibrationReport
 from apiq_jax.calibration.reports import BlockReport
 from apiq_jax.calibration.workdir import WorkDir
 from apiq_jax.lora import LINEARS
+from apiq_jax.models.safetensors_io import write_safetensors
 from apiq_jax.quant import ClipLogits
 from tests.calibration import resume_worker as W
 
@@ -140,15 +141,16 @@ def _state(value: float) -> dict:
 
 def test_save_restore_and_stale_states(tmp_path):
     fingerprint = {"method": "x", "options": {"epochs": 1}}
-    wd = WorkDir(tmp_path, fingerprint, n_blocks=3)
+    wd = WorkDir(tmp_path, fingerprint)
     assert wd.next_block() == 0 and wd.reports() == {}
     wd.save(0, _state(1.0), {"x": jnp.ones(2)}, BlockReport(0, error_after=0.5))
-    wd.blocks.save(1, _state(2.0))  # block 1's state, killed before its streams
+    write_safetensors(tmp_path / "finished" / "1.safetensors", {"['lora']['a']": np.full(4, 2.0, np.float32)})
+    # ^ block 1's state, killed before its streams
     wd.close()
 
-    wd = WorkDir(tmp_path, fingerprint, n_blocks=3)
+    wd = WorkDir(tmp_path, fingerprint)
     assert wd.next_block() == 1
-    assert not (tmp_path / "blocks" / "1").exists()  # the stale state was dropped
+    assert not (tmp_path / "finished" / "1.safetensors").exists()  # the stale state was dropped
     restored = wd.restore_state(0, _state(0.0))
     assert isinstance(restored["clip"]["q_proj"], ClipLogits)
     np.testing.assert_array_equal(np.asarray(restored["clip"]["q_proj"].beta), -1.0)
@@ -158,4 +160,22 @@ def test_save_restore_and_stale_states(tmp_path):
     np.testing.assert_array_equal(np.asarray(wd.restore_state(1, _state(0.0))["lora"]["a"]), 3.0)
     wd.close()
     with pytest.raises(ValueError, match=r"differs in: options\)"):
-        WorkDir(tmp_path, {"method": "x", "options": {"epochs": 2}}, n_blocks=3)
+        WorkDir(tmp_path, {"method": "x", "options": {"epochs": 2}})
+
+
+def test_block_state_is_stored_once_and_a_damaged_one_says_how_to_discard_it(tmp_path):
+    """One store per finished block (finished/<i>.safetensors, no orbax copy); a truncated file is refused."""
+    wd = WorkDir(tmp_path, {"method": "x"})
+    wd.save(0, _state(1.0), {"x": jnp.ones(2)}, BlockReport(0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_reports.json", "fingerprint.json", "finished",
+                                                          "streams"]
+    assert [p.name for p in (tmp_path / "finished").iterdir()] == ["0.safetensors"]
+    f = tmp_path / "finished" / "0.safetensors"
+    good = f.read_bytes()
+    message = r"block 0's state .*0.safetensors of the work directory is missing or corrupt \(.*\); delete .* to " \
+              r"discard it \(or pass --overwrite\)"
+    for damaged in (good[:-8], good[:-8] + b"\xff" * 8):  # the last tensor's data cut short / turned into NaNs
+        f.write_bytes(damaged)
+        with pytest.raises(ValueError, match=message):
+            wd.restore_state(0, _state(0.0))
+    wd.close()
