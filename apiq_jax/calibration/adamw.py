@@ -7,7 +7,8 @@
   logits), each with its learning rate and weight decay.
 * :func:`run_epochs`: ``epochs`` passes of AdamW over a fixed sequence of batches, traced
   into the caller's compiled program (``lax.scan`` over batches inside ``lax.scan`` over
-  epochs).
+  epochs), each step a :func:`train_step` (which a caller streaming batches from the host
+  compiles alone).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optax
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import report_epoch
 
-__all__ = ["TorchAdamState", "make_optimizer", "run_epochs", "scale_by_torch_adam", "torch_adamw"]
+__all__ = ["TorchAdamState", "make_optimizer", "run_epochs", "scale_by_torch_adam", "torch_adamw", "train_step"]
 
 
 class TorchAdamState(NamedTuple):
@@ -121,6 +122,28 @@ def make_optimizer(opts: ApiQOptions) -> optax.GradientTransformation:
     )
 
 
+def train_step(loss_fn: Callable[[Any, Any], tuple[jnp.ndarray, jnp.ndarray]],
+               opt: optax.GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any, Any, Any]]:
+    """One AdamW step on one batch: what :func:`run_epochs` scans and a streamed loop calls.
+
+    Args:
+      loss_fn: ``loss_fn(train, batch) -> (loss, terms)``.
+      opt: the optimizer (:func:`make_optimizer`).
+
+    Returns:
+      ``step(train, state, batch) -> (train, state, loss, terms)``, the loss taken before the
+      update (as the reference logs it).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(train: Any, state: Any, batch: Any) -> tuple[Any, Any, Any, Any]:
+        (loss, terms), grads = grad_fn(train, batch)
+        updates, state = opt.update(grads, state, train)
+        return optax.apply_updates(train, updates), state, loss, terms
+
+    return step
+
+
 def run_epochs(
     loss_fn: Callable[[Any, Any], tuple[jnp.ndarray, jnp.ndarray]],
     train0: Any,
@@ -144,7 +167,7 @@ def run_epochs(
       taken before its step, as the reference logs them.
     """
     opt = make_optimizer(opts)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    update = train_step(loss_fn, opt)
 
     bs = opts.batch_size
     n_batches = jax.tree.leaves(batches)[0].shape[0] // bs
@@ -153,10 +176,8 @@ def run_epochs(
         # batch i sliced in place: scanning over [n_batches, bs, ...] views as xs makes XLA
         # copy the whole caches into the loop (a second copy of every activation cache)
         batch = jax.tree.map(lambda b: jax.lax.dynamic_slice_in_dim(b, i * bs, bs), batches)
-        train, state = carry
-        (loss, terms), grads = grad_fn(train, batch)
-        updates, state = opt.update(grads, state, train)
-        return (optax.apply_updates(train, updates), state), (loss, terms)
+        train, state, loss, terms = update(*carry, batch)
+        return (train, state), (loss, terms)
 
     def epoch(carry, e):
         carry, (losses, terms) = jax.lax.scan(step, carry, jnp.arange(n_batches))

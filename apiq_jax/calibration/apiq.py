@@ -31,6 +31,7 @@ from apiq_jax.calibration.blocks import (
     as_float32,
     block_error,
     embed_ids,
+    embed_ids_host,
     fake_quant_layer,
     float32_view,
     freeze_layer,
@@ -226,6 +227,7 @@ def calibrate_apiq(
     quant_config: QuantConfig, lora_config: LoraConfig, *, key: jax.Array | None, opts: ApiQOptions,
     lora_init: Mapping[str, Any] | None, work_dir: str | os.PathLike | None, progress: bool,
     on_block_end: Callable[[int, BlockReport], None] | None, lazy_result: bool = False,
+    offload_activations: bool = False,
 ) -> CalibrationResult:
     """Run an ApiQ variant: validate, start (or resume) the streams, loop the blocks, assemble.
 
@@ -236,6 +238,7 @@ def calibrate_apiq(
         disk (:class:`~apiq_jax.models.hf_io.LazyTensor` leaves, read when converted; write
         them with ``save_quantized`` before the work directory goes, or ``materialize``
         them) instead of being read back: memory then holds only the packed model.
+      offload_activations: the streams are host arrays, streamed to the device (ApiQ-bw only).
       params, model_config, calib_ids, quant_config, lora_config, key, lora_init, work_dir,
         progress, on_block_end: see :func:`apiq_jax.calibration.apiq_bw.apiq_bw`.
       opts: the options.
@@ -248,11 +251,17 @@ def calibrate_apiq(
         raise ValueError(f"options must be an apiq_jax.calibration.ApiQOptions, got {opts!r}")
     ids = validate_inputs(method, params, model_config, calib_ids, quant_config, lora_config)
     opts.check_batching(ids.shape[0])
+    if offload_activations and method != "apiq-bw":
+        raise ValueError(f"offloading the activations is supported by apiq-bw, not {method}")
     timer = Stopwatch()
     ctx = ApiQContext(model_config, quant_config, opts, _initial_lora(params, lora_config, key, lora_init, opts))
-    x0 = embed_ids(params, ids, model_config)
-    x0 = x0.astype(opts.cache_dtype or x0.dtype)
-    streams = {"x_fp": x0, "x_q": jnp.copy(x0)}  # two buffers: the steps write into them in place
+    if offload_activations:  # host arrays: every pass streams them through the device
+        x0 = embed_ids_host(params, ids, model_config, opts.cache_dtype)
+        streams = {"x_fp": x0, "x_q": x0.copy()}
+    else:
+        x0 = embed_ids(params, ids, model_config)
+        x0 = x0.astype(opts.cache_dtype or x0.dtype)
+        streams = {"x_fp": x0, "x_q": jnp.copy(x0)}  # two buffers: the steps write into them in place
     del x0
     wd = done = None
     if work_dir is not None:

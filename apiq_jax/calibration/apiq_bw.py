@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from apiq_jax.calibration.apiq import ApiQContext, calibrate_apiq, loss_curve
-from apiq_jax.calibration.apiq_bw_core import train_block_bw
+from apiq_jax.calibration.apiq_bw_core import train_block_bw, train_block_bw_streamed
 from apiq_jax.calibration.blocks import run_block, with_quantized
 from apiq_jax.calibration.driver import BlockOutput
 from apiq_jax.calibration.options import ApiQOptions
@@ -49,8 +49,12 @@ def bw_step(ctx: ApiQContext, i: int, layer: Mapping[str, Any], streams: dict[st
     bar.start_inner(f"block {i}", ctx.opts.epochs)
     x_q = streams["x_q"]
     t2 = run_block(start.dense, x_q, ctx.config, None, layer_idx=start.layer_idx) if ctx.opts.aug_loss else None
-    train, losses, terms = train_block_bw(start.dense, start.state, x_q, start.t1, t2, bar.token(), config=ctx.config,
-                                          qcfg=ctx.qcfg, opts=ctx.opts, layer_idx=start.layer_idx)
+    static = {"config": ctx.config, "qcfg": ctx.qcfg, "opts": ctx.opts, "layer_idx": start.layer_idx}
+    if isinstance(x_q, np.ndarray):  # offloaded caches: every batch goes to the device for its own step
+        train, losses, terms = train_block_bw_streamed(start.dense, start.state, x_q, start.t1, t2, bar.epoch_done,
+                                                       **static)
+    else:
+        train, losses, terms = train_block_bw(start.dense, start.state, x_q, start.t1, t2, bar.token(), **static)
     del t2  # the next cache to go: the propagation below writes into x_q's own buffer
     frozen = with_quantized(layer, ctx.freeze(start, train["clip"]))
     extra = {"loss_terms": np.asarray(terms, np.float64).reshape(-1, 2).tolist()}
@@ -62,7 +66,7 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
             lora_init: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None,
             progress: bool = False,
             on_block_end: Callable[[int, BlockReport], None] | None = None,
-            lazy_result: bool = False) -> CalibrationResult:
+            lazy_result: bool = False, offload_activations: bool = False) -> CalibrationResult:
     """ApiQ-bw calibration (block-wise), as in the reference ``calibrate()``.
 
     Args:
@@ -86,6 +90,10 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
       lazy_result: with ``work_dir``, leave the result's LoRA and clipping logits in the work
         directory as lazily read tensors (save them before deleting it): memory then holds
         only the packed model (what ``apiq-jax quantize`` does).
+      offload_activations: keep the activation caches on the host and stream them to the
+        device a batch (training) or a chunk of samples (the block's passes) at a time, for
+        caches larger than device memory (``--offload-activations``); same steps, same result
+        up to float rounding.
 
     Returns:
       :class:`~apiq_jax.calibration.reports.CalibrationResult`: frozen params with
@@ -115,6 +123,6 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
     return calibrate_apiq(
         "apiq-bw", bw_step, params, model_config, calib_ids, quant_config, lora_config, key=key, opts=options,
         lora_init=lora_init, work_dir=work_dir, progress=progress, on_block_end=on_block_end,
-        lazy_result=lazy_result,
+        lazy_result=lazy_result, offload_activations=offload_activations,
     )
 

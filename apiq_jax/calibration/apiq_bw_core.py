@@ -12,16 +12,17 @@ The wiring (streams, freezing, reports) is :mod:`apiq_jax.calibration.apiq_bw`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 import apiq_jax.sharding as sharding
-from apiq_jax.calibration.adamw import run_epochs
+from apiq_jax.calibration.adamw import make_optimizer, run_epochs, train_step
 from apiq_jax.calibration.blocks import fake_quant_layer
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.models.config import ModelConfig
@@ -29,7 +30,7 @@ from apiq_jax.models.llama import block_forward
 from apiq_jax.quant import QuantConfig
 from apiq_jax.quant.fake_linear import depend_on
 
-__all__ = ["bw_block_loss", "train_block_bw"]
+__all__ = ["bw_batch_step", "bw_block_loss", "train_block_bw", "train_block_bw_streamed"]
 
 
 def bw_block_loss(
@@ -110,15 +111,77 @@ def train_block_bw(
     Returns:
       ``(train, losses [epochs, n_batches], terms [epochs, n_batches, 2])``.
     """
-    split = _batch_split(opts.batch_size)
-
-    def loss_fn(train, batch):
-        if split is not None:
-            batch = tuple(None if v is None else jax.lax.with_sharding_constraint(v, split) for v in batch)
-        # one batch of the (possibly 16-bit) caches at a time, in float32 like the block's weights
-        # (tied to the step's state: XLA would otherwise convert whole caches ahead of the loop)
-        batch = depend_on(batch, train["clip"])
-        xb, t1b, t2b = (None if v is None else v.astype(jnp.float32) for v in batch)
-        return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
-
+    loss_fn = partial(_batch_loss, layer=layer, config=config, qcfg=qcfg, layer_idx=layer_idx,
+                      split=_batch_split(opts.batch_size))
     return run_epochs(loss_fn, train0, (x_q, t1, t2), opts, progress)
+
+
+def _batch_loss(train: Mapping[str, Any], batch: tuple[Any, ...], *, layer: Mapping[str, Any], config: ModelConfig,
+                qcfg: QuantConfig, layer_idx: int | None, split: PartitionSpec | None) -> tuple[Any, Any]:
+    """:func:`bw_block_loss` of one ``(x_q, t1, t2)`` batch of the caches, computed in float32."""
+    if split is not None:
+        batch = tuple(None if v is None else jax.lax.with_sharding_constraint(v, split) for v in batch)
+    # one batch of the (possibly 16-bit) caches at a time, in float32 like the block's weights
+    # (tied to the step's state: XLA would otherwise convert whole caches ahead of the loop)
+    batch = depend_on(batch, train["clip"])
+    xb, t1b, t2b = (None if v is None else v.astype(jnp.float32) for v in batch)
+    return bw_block_loss(train, layer, xb, t1b, t2b, config, qcfg, layer_idx)
+
+
+@partial(jax.jit, static_argnames=("config", "qcfg", "opts", "layer_idx"), donate_argnames=("train", "state"))
+def bw_batch_step(train: Any, state: Any, batch: tuple[Any, ...], layer: Mapping[str, Any], *, config: ModelConfig,
+                  qcfg: QuantConfig, opts: ApiQOptions, layer_idx: int | None) -> tuple[Any, Any, Any, Any]:
+    """One AdamW step of ApiQ-bw on one batch sent to the device (compiled once per block shape).
+
+    Args:
+      train: the ``{"clip", "lora"}`` state (donated).
+      state: the optimizer state (:func:`~apiq_jax.calibration.adamw.make_optimizer`; donated).
+      batch: ``(x_q, t1, t2)`` of ``opts.batch_size`` samples (``t2`` None without aug_loss).
+      layer: the block's dense float32 params.
+      config, qcfg, opts, layer_idx: static; see :func:`train_block_bw`.
+
+    Returns:
+      ``(train, state, loss, terms)``, the loss taken before the step.
+    """
+    loss_fn = partial(_batch_loss, layer=layer, config=config, qcfg=qcfg, layer_idx=layer_idx, split=None)
+    return train_step(loss_fn, make_optimizer(opts))(train, state, batch)
+
+
+def train_block_bw_streamed(
+    layer: Mapping[str, Any], train0: Mapping[str, Any], x_q: np.ndarray, t1: np.ndarray, t2: np.ndarray | None,
+    on_epoch: Callable[[int, float], None] | None = None, *, config: ModelConfig, qcfg: QuantConfig,
+    opts: ApiQOptions, layer_idx: int | None = None,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """:func:`train_block_bw` with the caches on the host: each batch is sent to the device for its step.
+
+    The same steps in the same order (one compiled step, called once per batch), so the
+    device holds the block, its train state and one batch, whatever the number of samples
+    (``apiq-jax quantize --offload-activations``).
+
+    Args:
+      layer: the block's dense float32 params (on the device).
+      train0: the initial ``{"clip", "lora"}`` state (not modified).
+      x_q, t1, t2: host caches ``[n, s, D]`` (``t2`` None without aug_loss).
+      on_epoch: called as ``on_epoch(epoch, mean loss)`` after every epoch, or None.
+      config, qcfg, opts, layer_idx: see :func:`train_block_bw`.
+
+    Returns:
+      ``(train, losses [epochs, n_batches], terms [epochs, n_batches, 2])``.
+    """
+    bs = opts.batch_size
+    n_batches = x_q.shape[0] // bs
+    train = jax.tree.map(jnp.copy, train0)  # the steps donate their state; the caller's stays valid
+    state = make_optimizer(opts).init(train)
+    losses, terms = [], []
+    for e in range(opts.epochs):
+        for j in range(n_batches):
+            batch = tuple(None if v is None else jnp.asarray(v[j * bs:(j + 1) * bs]) for v in (x_q, t1, t2))
+            train, state, loss, term = bw_batch_step(train, state, batch, layer, config=config, qcfg=qcfg,
+                                                      opts=opts, layer_idx=layer_idx)
+            losses.append(loss)
+            terms.append(term)
+        if on_epoch is not None:
+            on_epoch(e, float(np.mean(np.asarray(jnp.stack(losses[-n_batches:])))))
+    losses = np.asarray(jnp.stack(losses)).reshape(opts.epochs, n_batches) if losses else np.zeros((opts.epochs, 0))
+    terms = np.asarray(jnp.stack(terms)).reshape(opts.epochs, n_batches, 2) if terms else np.zeros((opts.epochs, 0, 2))
+    return train, losses, terms

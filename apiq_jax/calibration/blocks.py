@@ -32,13 +32,19 @@ from apiq_jax.models.llama import block_forward, embed
 from apiq_jax.models.quantized import quantize_weight
 from apiq_jax.quant import ClipLogits, FakeQuantWeight, QuantConfig, QuantizedTensor, fake_quantize
 
-__all__ = ["as_float32", "block_error", "embed_ids", "fake_quant_layer", "float32_view", "freeze_layer",
-           "layer_idx_arg", "run_block", "stream_error", "with_quantized"]
+__all__ = ["HOST_CHUNK_BYTES", "as_float32", "block_error", "embed_ids", "embed_ids_host", "fake_quant_layer",
+           "float32_view", "freeze_layer", "host_chunks", "layer_idx_arg", "run_block", "stream_error", "with_quantized"]
 
 
 @partial(jax.jit, static_argnames=("config",))
 def _embed_jit(params: Mapping[str, Any], ids: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
     return embed(params, ids, config)
+
+
+def _embed_table(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"embed_tokens": table}`` on the device (a lazily read table is read now)."""
+    table = params["embed_tokens"]
+    return {"embed_tokens": table if isinstance(table, QuantizedTensor) else jnp.asarray(table)}
 
 
 def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.ndarray:
@@ -52,9 +58,7 @@ def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.n
     Returns:
       ``[n, seqlen, D]`` in the embedding's dtype.
     """
-    table = params["embed_tokens"]
-    table = table if isinstance(table, QuantizedTensor) else jnp.asarray(table)  # reads a lazy table
-    x0 = _embed_jit({"embed_tokens": table}, jnp.asarray(ids, jnp.int32), config)
+    x0 = _embed_jit(_embed_table(params), jnp.asarray(ids, jnp.int32), config)
     split = samples_sharding(x0.shape[0])
     return x0 if split is None else jax.device_put(x0, split)
 
@@ -151,15 +155,22 @@ def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelCon
 
     Args:
       layer_params: the layer's dict (linears dense or QuantizedTensor).
-      xs: block inputs ``[n, seqlen, D]`` (the activation cache; any float dtype).
+      xs: block inputs ``[n, seqlen, D]`` (the activation cache; any float dtype). A host
+        numpy array is an offloaded cache: it is streamed through the device in chunks of
+        samples (:func:`host_chunks`) and the outputs come back to the host.
       config: the model config (static).
       lora: that layer's :class:`~apiq_jax.lora.Lora`, or None.
       layer_idx: the layer index where the config mixes attention kinds (static), else None.
-      consume: donate ``xs`` and write the outputs into its buffer.
+      consume: donate ``xs`` and write the outputs into its buffer (on the host: in place).
 
     Returns:
-      The block outputs ``[n, seqlen, D]`` in ``xs``'s dtype.
+      The block outputs ``[n, seqlen, D]`` in ``xs``'s dtype (a host array for a host ``xs``).
     """
+    if isinstance(xs, np.ndarray):  # offloaded cache: streamed to the device a chunk of samples at a time
+        out = xs if consume else np.empty_like(xs)
+        for c in host_chunks(xs):
+            out[c] = np.asarray(_run_block_donating(layer_params, jnp.asarray(xs[c]), config, lora, layer_idx=layer_idx))
+        return out
     groups, axes = _groups(xs)
     if groups > 1:  # samples split over the mesh: one loop per device
         fn = _run_block_split_donating if consume else _run_block_split_jit
@@ -220,6 +231,10 @@ def block_error(layer_params: Mapping[str, Any], xs: jnp.ndarray, targets: jnp.n
     Returns:
       The relative squared error as a Python float.
     """
+    if isinstance(xs, np.ndarray):  # offloaded caches: summed a chunk of samples at a time
+        return _ratio(np.concatenate([np.asarray(_error_sums_jit(
+            layer_params, jnp.asarray(xs[c]), jnp.asarray(targets[c]), config, lora, layer_idx=layer_idx))
+            for c in host_chunks(xs)], axis=1))
     groups, axes = _groups(xs)
     return _ratio(_error_sums_jit(layer_params, xs, targets, config, lora, layer_idx=layer_idx, groups=groups,
                                   axes=axes))
@@ -235,7 +250,50 @@ def stream_error(targets: jnp.ndarray, ys: jnp.ndarray) -> float:
     Returns:
       The relative squared error as a Python float (per-sample sums combined in float64).
     """
+    if isinstance(ys, np.ndarray):  # offloaded caches
+        return _ratio(np.concatenate([np.asarray(_stream_sums(jnp.asarray(targets[c]), jnp.asarray(ys[c])))
+                                      for c in host_chunks(ys)], axis=1))
     return _ratio(_stream_sums(targets, ys))
+
+
+#: bytes of one transfer of an offloaded cache to the device (a whole number of samples, at least one)
+HOST_CHUNK_BYTES = 64 * 2**20
+
+
+def host_chunks(xs: np.ndarray) -> list[slice]:
+    """The sample ranges an offloaded cache ``[n, ...]`` is streamed to the device in.
+
+    Args:
+      xs: the host cache.
+
+    Returns:
+      Consecutive slices covering ``[0, n)``, each at most :data:`HOST_CHUNK_BYTES` (but at
+      least one sample).
+    """
+    n = xs.shape[0]
+    step = max(1, HOST_CHUNK_BYTES // max(1, xs[:1].nbytes))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def embed_ids_host(params: Mapping[str, Any], ids: Any, config: ModelConfig, dtype: Any = None) -> np.ndarray:
+    """:func:`embed_ids` into a host array (an offloaded cache), a chunk of samples at a time.
+
+    Args:
+      params: model params (only ``embed_tokens`` is read).
+      ids: int ids ``[n, seqlen]``.
+      config: the model config.
+      dtype: the cache dtype (None: the embeddings').
+
+    Returns:
+      ``[n, seqlen, D]`` host array of ``dtype``.
+    """
+    ids, table = np.asarray(ids), _embed_table(params)
+    if dtype is None:
+        dtype = jax.eval_shape(partial(_embed_jit, config=config), table, jax.ShapeDtypeStruct((1, 1), jnp.int32)).dtype
+    out = np.empty((*ids.shape, config.hidden_size), jnp.dtype(dtype))
+    for c in host_chunks(out):
+        out[c] = np.asarray(_embed_jit(table, jnp.asarray(ids[c], jnp.int32), config).astype(dtype))
+    return out
 
 
 def layer_idx_arg(config: ModelConfig, i: int) -> int | None:

@@ -21,9 +21,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apiq_jax.calibration.baseline import baseline_result
-from apiq_jax.calibration.blocks import as_float32, embed_ids, float32_view, freeze_layer, layer_idx_arg, run_block
+from apiq_jax.calibration.blocks import (
+    as_float32,
+    embed_ids,
+    float32_view,
+    freeze_layer,
+    host_chunks,
+    layer_idx_arg,
+    run_block,
+)
 from apiq_jax.calibration.cloq_core import DEFAULT_RIDGE, cloq_factors, weighted_error
 from apiq_jax.calibration.driver import BlockOutput, run_blocks
 from apiq_jax.calibration.gptq import stage_hessian
@@ -44,7 +53,8 @@ def block_grams(dense: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, 
     Args:
       dense: the block's params (the linears before each stage as given: dense for the
         full-precision inputs).
-      xs: the block inputs ``[n, s, D]``.
+      xs: the block inputs ``[n, s, D]`` (a host array: an offloaded cache, streamed to the
+        device in chunks of samples).
       config: the model config.
       layer_idx: see :func:`~apiq_jax.calibration.blocks.layer_idx_arg`.
       names: the linears wanted.
@@ -56,7 +66,11 @@ def block_grams(dense: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, 
     for s, (_, linears) in enumerate(STAGES):
         wanted = [n for n in linears if n in names]
         if wanted:
-            h = stage_hessian(dense, xs, config, s, layer_idx)
+            if isinstance(xs, np.ndarray):  # offloaded cache: the mean over chunks of samples, weighted by size
+                h = sum(stage_hessian(dense, jnp.asarray(xs[c]), config, s, layer_idx) * ((c.stop - c.start) / len(xs))
+                        for c in host_chunks(xs))
+            else:
+                h = stage_hessian(dense, xs, config, s, layer_idx)
             grams.update({n: h for n in wanted})
     return grams
 

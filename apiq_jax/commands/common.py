@@ -165,14 +165,36 @@ def return_freed_host_memory() -> bool:
     Returns:
       Whether the setting was applied.
     """
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_ABOVE_BYTES))
+
+
+def trim_host_memory() -> bool:
+    """Return the free pages of every malloc arena to the OS now (glibc's ``malloc_trim(0)``).
+
+    Below :data:`RELEASE_ABOVE_BYTES` freed memory stays in the arenas of the threads that
+    used it (XLA's compiler and workers): about 0.2 GB after a calibrated block of a
+    2048-wide model. ``quantize`` trims after every block, so the next one starts without
+    it. No-op where the C library is not glibc.
+
+    Returns:
+      Whether any memory was returned.
+    """
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+def _glibc() -> Any:
+    """The C library through ctypes when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_ABOVE_BYTES))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to set
-        return False
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (AttributeError where not glibc)
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None
 
 
 def print_json(obj: dict[str, Any]) -> None:

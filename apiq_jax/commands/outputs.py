@@ -36,7 +36,8 @@ RUN_FILE = ".apiq-jax-run.json"
 LOCK_FILE = ".apiq-jax.lock"
 #: argparse destinations that do not change what is written, so a resumed run may change them
 NEUTRAL_ARGS = frozenset({"command", "func", "out", "overwrite", "quiet", "backend", "max_shard_size", "eval",
-                          "mesh", "coordinator", "num_processes", "process_id", "resume_hint"})
+                          "mesh", "coordinator", "num_processes", "process_id", "resume_hint",
+                          "offload_activations"})
 #: arguments naming files: compared by their resolved path
 PATH_ARGS = frozenset({"model", "calib", "data"})
 #: a file staged by apiq_jax.models.safetensors_io.StagedFiles (".NAME.<12 hex>.tmp") or our marker's

@@ -32,6 +32,7 @@ from apiq_jax.commands.common import (
     field_default,
     print_json,
     return_freed_host_memory,
+    trim_host_memory,
     unwise_option_warnings,
     warn,
 )
@@ -112,6 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dtype", default=None, choices=DTYPES,
                    help="dtype of the [nsamples, seqlen, hidden] activation caches of ApiQ (default: --dtype); "
                         "float32 is exact, 16-bit halves their memory")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="apiq-bw: keep the [nsamples, seqlen, hidden] activation caches in host memory and stream "
+                        "them to the accelerator a batch at a time, for caches larger than its memory (same "
+                        "result; slower by the transfers)")
     p.add_argument("--lora-init", default=None, choices=LORA_INITS,
                    help="apiq-bw/apiq-lw: where each block's LoRA starts: default (the reference's QLoRA init), "
                         "loftq or cloq (fitted in closed form to the block's quantization error; cloq weights it "
@@ -228,6 +233,8 @@ def check_args(args: argparse.Namespace) -> str:
             raise ValueError(f"--epochs applies to {_training()} only, not --method {args.method}")
         if args.epochs < 0:
             raise ValueError(f"--epochs {args.epochs} must be >= 0")
+    if getattr(args, "offload_activations", False) and args.method != "apiq-bw":
+        raise ValueError(f"--offload-activations applies to --method apiq-bw only, not {args.method}")
     if getattr(args, "lora_init", None) is not None and not spec.trains:
         raise ValueError(f"--lora-init applies to {_training()} only, not --method {args.method}")
     try:
@@ -249,7 +256,7 @@ def _training() -> str:
 
 def method_options(
     method: str, epochs: int | None, num_iter: int | None, progress: bool, work_dir: Path | None = None,
-    cache_dtype: str | None = None, lora_init: str | None = None,
+    cache_dtype: str | None = None, lora_init: str | None = None, offload_activations: bool = False,
 ) -> dict[str, Any]:
     """Keyword options for the calibration function of ``method``.
 
@@ -264,6 +271,7 @@ def method_options(
         work_dir: checkpoint directory of ApiQ runs.
         cache_dtype: dtype of ApiQ's activation caches (None: the model's).
         lora_init: ApiQ's LoRA starting point (``--lora-init``; None: the default).
+        offload_activations: ApiQ-bw's caches on the host (``--offload-activations``).
 
     Returns:
         Keyword arguments for ``get_method(method).fn``.
@@ -273,6 +281,10 @@ def method_options(
     if "work_dir" in defaults and work_dir is not None:
         opts["work_dir"] = work_dir
         opts["lazy_result"] = True  # finished blocks' LoRA and logits are read from work_dir as they are saved
+    if "on_block_end" in defaults:  # the next block starts without what this one's programs freed
+        opts["on_block_end"] = lambda i, report: trim_host_memory()
+    if offload_activations:
+        opts["offload_activations"] = True
     if "options" in defaults:
         fields = {"epochs": epochs, "cache_dtype": cache_dtype, "lora_init": lora_init}
         fields = {k: v for k, v in fields.items() if v is not None}
@@ -384,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         claim.start_work()
         opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, work_dir, args.cache_dtype,
-                              getattr(args, "lora_init", None))
+                              getattr(args, "lora_init", None), getattr(args, "offload_activations", False))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # samples split over the mesh
             result = get_method(args.method).fn(params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed),
                                                 **opts)

@@ -48,7 +48,8 @@ def test_option_defaults_come_from_the_functions():
     loftq = get_method("loftq")
     assert loftq.options == {"num_iter": 1, "measure_error": True}  # peft's default, apiq-jax quantize's
     assert loftq.compare_options == {"num_iter": 5} and "5 it." in loftq.label  # the demo's
-    assert set(get_method("apiq-bw").options) == {"options", "lora_init", "work_dir", "on_block_end", "lazy_result"}
+    assert set(get_method("apiq-bw").options) == {"options", "lora_init", "work_dir", "on_block_end", "lazy_result",
+                                                  "offload_activations"}
     assert get_method("gptq").options["percdamp"] == 0.01
 
 

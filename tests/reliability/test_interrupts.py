@@ -64,6 +64,20 @@ def test_ctrl_c_in_quantize_says_where_it_resumes_and_the_rerun_does(capsys, mon
         np.testing.assert_array_equal(a, b)  # bit-identical to the uninterrupted run
 
 
+def test_offloaded_run_interrupted_resumes_in_device_memory(capsys, monkeypatch, tiny_hf, files, tmp_path, bw_full):
+    """--offload-activations only moves the caches: its host streams resume a run without it, same model."""
+    out = tmp_path / "bw"
+    argv = quantize_args(tiny_hf, out, files["stream"], "apiq-bw", *BW)
+    _interrupt_after_block(monkeypatch, 0)
+    assert run_cli(capsys, *argv, "--offload-activations")[0] == 130
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "apiq-jax quantize: resuming from block 2/2 (1 finished" in err
+    for a, b in zip(_lora_leaves(bw_full), _lora_leaves(out)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 rounding of one step per batch
+
+
 def test_resume_with_other_arguments_names_the_flag(capsys, monkeypatch, tiny_hf, files, tmp_path):
     out = tmp_path / "bw"
     argv = quantize_args(tiny_hf, out, files["stream"], "apiq-bw", *BW)

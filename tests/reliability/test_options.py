@@ -19,6 +19,7 @@ from tests.reliability.conftest import assert_user_error, finetune_args, quantiz
     (("--alpha", "-1"), "--alpha -1.0 must be a positive number"),
     (("--method", "awq"), "--method 'awq' is not supported; accepted:"),
     (("--nsamples", "0"), "--nsamples 0 must be a positive integer"),
+    (("--offload-activations",), "--offload-activations applies to --method apiq-bw only, not rtn"),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
 def test_quantize_options(capsys, tiny_hf, files, tmp_path, extra, fragment):
     out = tmp_path / "out"
