@@ -110,3 +110,36 @@ def test_freed_blocks_leave_the_rss_once_the_threshold_is_fixed():
 
     assert released("set") > 350  # of the 400 MiB freed
     assert released("default") < 50
+
+
+_FREED_SMALL_BLOCKS = """
+import ctypes, threading
+from apiq_jax.commands.common import return_freed_host_memory, trim_host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+assert return_freed_host_memory()
+blocks, keep = [], []
+def work():  # 512 KiB blocks: under the mmap threshold, so from the worker thread's heap
+    for _ in range(400):
+        b = libc.malloc(512 << 10); ctypes.memset(b, 1, 512 << 10); blocks.append(b); keep.append(libc.malloc(1000))
+t = threading.Thread(target=work); t.start(); t.join()
+before = rss_mb()
+for b in blocks:
+    libc.free(b)
+freed = before - rss_mb()
+assert trim_host_memory()
+print(freed, before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
+                    reason="glibc's malloc_trim: Linux with glibc only")
+def test_trim_returns_freed_small_blocks_of_a_thread_arena():
+    """200 MiB of freed 512 KiB blocks stay in the arena (under the threshold) until trim_host_memory()."""
+    r = subprocess.run([sys.executable, "-c", _FREED_SMALL_BLOCKS], capture_output=True, text=True, cwd=REPO,
+                       check=True)
+    freed, trimmed = map(float, r.stdout.split())
+    assert freed < 20 and trimmed > 150, (freed, trimmed)
