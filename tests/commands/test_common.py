@@ -76,14 +76,18 @@ def test_load_token_data_windows_and_checks(tmp_path):
         common.load_token_data(stream, "--data", model_dir=tmp_path, seqlen=4, max_len=16, vocab_size=8)
 
 
-_FRAGMENTED_FREE = """
+#: what both malloc scripts start with: glibc's malloc/free through ctypes and the current RSS
+_LIBC = """
 import ctypes, sys, threading
-from apiq_jax.commands.common import return_freed_host_memory
+from apiq_jax.commands.common import return_freed_host_memory, trim_host_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 def rss_mb():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+"""
+
+_FRAGMENTED_FREE = _LIBC + """
 if sys.argv[1] == "set":
     assert return_freed_host_memory()
 p = libc.malloc(16 << 20); ctypes.memset(p, 1, 16 << 20); libc.free(p)  # glibc's default now keeps < 16 MiB
@@ -112,14 +116,7 @@ def test_freed_blocks_leave_the_rss_once_the_threshold_is_fixed():
     assert released("default") < 50
 
 
-_FREED_SMALL_BLOCKS = """
-import ctypes, threading
-from apiq_jax.commands.common import return_freed_host_memory, trim_host_memory
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def rss_mb():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+_FREED_SMALL_BLOCKS = _LIBC + """
 assert return_freed_host_memory()
 blocks, keep = [], []
 def work():  # 512 KiB blocks: under the mmap threshold, so from the worker thread's heap
