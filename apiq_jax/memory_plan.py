@@ -6,11 +6,19 @@ of the compiled programs from XLA itself (``jit(...).lower(abstract shapes).comp
 .memory_analysis()``, on this machine's backend), so the plan follows the code.
 
 ``quantize`` (ApiQ and the baselines walk the blocks in order, one block read at a time):
-its peak is the larger of *calibrating the last block* (runtime, the block in its storage
-dtype and in float32, the block program's temporaries, the activation caches, the packed
-model so far: a finished block's LoRA and clipping logits wait in the work directory) and
-*saving* (runtime, the packed model, embeddings and head; ApiQ's LoRA is copied from the work
-directory one tensor at a time). ``finetune``: the compiled step's temp + argument + output bytes.
+its peak is the larger of *calibrating the last block* and *saving*. Both hold the runtime
+(this process's resident memory once it has imported what ``quantize`` imports: Python,
+JAX, transformers with torch, the calibration modules) and the compiled block programs
+(what compiling them on the block's shapes adds to this process's resident memory: XLA's
+executables and the compiler's heap the C library keeps, as the quantize process keeps its
+own). Calibrating adds the block in float32 (ApiQ reads each tensor straight to float32;
+the baselines read the block in its storage dtype and quantize it one linear at a time),
+the block program's temporaries, the activation caches and the packed model so far (a
+finished block's LoRA and clipping logits wait in the work directory); saving adds the
+packed model, embeddings and head (ApiQ's LoRA is copied from the work directory one tensor
+at a time) and, while the head is read, that table's file pages mapped by safetensors and
+its host copy beside its device copy.
+``finetune``: the compiled step's temp + argument + output bytes.
 
 Example:
   >>> from apiq_jax.memory_plan import QuantizePlanInputs, packed_layer_bytes
@@ -24,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 from typing import Any
 
@@ -37,7 +46,8 @@ from apiq_jax.models.llama import layer_param_shapes, linear_shapes, param_shape
 from apiq_jax.quant import QuantConfig, init_clip, quantize
 
 __all__ = ["MemoryPlan", "QuantizePlanInputs", "abstract_quantized_model", "clip_layer_bytes", "finetune_step_memory",
-           "lora_layer_bytes", "packed_layer_bytes", "plan_finetune", "plan_quantize", "runtime_bytes"]
+           "import_quantize_runtime", "lora_layer_bytes", "packed_layer_bytes", "plan_finetune", "plan_quantize",
+           "resident_bytes", "runtime_bytes"]
 
 GiB = 2**30
 
@@ -100,6 +110,41 @@ def runtime_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def resident_bytes() -> int:
+    """Resident memory of this process now (``/proc/self/statm``; :func:`runtime_bytes` where there is none).
+
+    Returns:
+      Bytes.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return runtime_bytes()
+
+
+def import_quantize_runtime(method: str) -> None:
+    """Import what ``apiq-jax quantize`` imports before its first block (so this process holds that runtime).
+
+    ``quantize`` reads the model's config with transformers (which imports torch), runs the
+    method's calibration module and, for ApiQ, checkpoints into a work directory.
+
+    Args:
+      method: the calibration method (its module is imported through the registry).
+
+    Returns:
+      None.
+    """
+    import transformers
+
+    from apiq_jax.calibration import workdir  # noqa: F401  (ApiQ's work directory)
+    from apiq_jax.calibration.registry import get_method
+    from apiq_jax.commands import quantize  # noqa: F401
+
+    transformers.AutoConfig  # noqa: B018  (the lazy module imports its config machinery on first use)
+    get_method(method)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizePlanInputs:
     """The settings of an ``apiq-jax quantize`` run that decide its memory.
@@ -114,6 +159,8 @@ class QuantizePlanInputs:
       cache_dtype: dtype of the activation caches (None: ``dtype``).
       batch_size: ApiQ samples per step.
       aug_loss: ApiQ-bw's second target (a third cache).
+      offload_activations: ApiQ-bw's caches in host memory, one batch on the device per
+        step (``quantize --offload-activations``).
     """
 
     method: str
@@ -125,6 +172,7 @@ class QuantizePlanInputs:
     cache_dtype: str | None = None
     batch_size: int = 1
     aug_loss: bool = True
+    offload_activations: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,61 +191,142 @@ class MemoryPlan:
     parts: dict[str, int]
     phase: str
 
+    @property
+    def host_only_bytes(self) -> int:
+        """Bytes of the parts that stay in host memory (named ``"... (host)"``): not on an accelerator."""
+        return sum(v for k, v in self.parts.items() if k.endswith(HOST_SUFFIX))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form.
 
         Returns:
-          ``{"job", "phase", "peak_gib", "parts_gib"}``.
+          ``{"job", "phase", "peak_gib", "device_gib", "parts_gib"}`` (``device_gib``: the peak
+          without the host-only parts).
         """
         return {"job": self.job, "phase": self.phase, "peak_gib": round(self.peak_bytes / GiB, 3),
+                "device_gib": round((self.peak_bytes - self.host_only_bytes) / GiB, 3),
                 "parts_gib": {k: round(v / GiB, 3) for k, v in self.parts.items()}}
 
 
-def _block_train_temp(config: ModelConfig, p: QuantizePlanInputs) -> int:
-    """XLA's temporary bytes of training one ApiQ-bw block on these shapes (abstract compile)."""
-    from apiq_jax.calibration.apiq_bw_core import train_block_bw
+#: the suffix of a plan part that is held in host memory only (never on an accelerator)
+HOST_SUFFIX = " (host)"
+
+
+def _abstract_block(config: ModelConfig) -> dict[str, Any]:
+    return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in layer_param_shapes(config).items()}
+
+
+def _block_train_program(config: ModelConfig, p: QuantizePlanInputs) -> Any:
+    """ApiQ-bw's training of one block on these shapes, compiled (abstract shapes).
+
+    With offloaded caches: the one-batch step the host loop calls
+    (:func:`~apiq_jax.calibration.apiq_bw_core.bw_batch_step`).
+    """
+    from apiq_jax.calibration.adamw import make_optimizer
+    from apiq_jax.calibration.apiq_bw_core import bw_batch_step, train_block_bw
     from apiq_jax.calibration.options import ApiQOptions
 
     sds = jax.ShapeDtypeStruct
     shapes = linear_shapes(config)
-    layer = {k: sds(v, jnp.float32) for k, v in layer_param_shapes(config).items()}
     r = p.lora_config.rank
     lora = Lora({n: {"a": sds((shapes[n][1], r), jnp.float32), "b": sds((r, shapes[n][0]), jnp.float32)}
                  for n in p.lora_config.targets}, p.lora_config)
     clip = {n: jax.eval_shape(lambda s=shapes[n]: init_clip(s, p.quant_config)) for n in LINEARS}
-    cache = jnp.dtype(p.cache_dtype or p.dtype)
-    x = sds((p.nsamples, p.seqlen, config.hidden_size), cache)
+    x = sds((p.nsamples, p.seqlen, config.hidden_size), jnp.dtype(p.cache_dtype or p.dtype))
     opts = ApiQOptions(epochs=1, batch_size=p.batch_size, aug_loss=p.aug_loss)
-    lowered = train_block_bw.lower(layer, {"clip": clip, "lora": lora}, x, x, x if p.aug_loss else None, None,
-                                   config=config, qcfg=p.quant_config, opts=opts)
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    if p.offload_activations:
+        train = {"clip": clip, "lora": lora}
+        b = sds((p.batch_size, *x.shape[1:]), x.dtype)
+        return bw_batch_step.lower(train, jax.eval_shape(make_optimizer(opts).init, train),
+                                   (b, b, b if p.aug_loss else None), _abstract_block(config), config=config,
+                                   qcfg=p.quant_config, opts=opts, layer_idx=None).compile()
+    lowered = train_block_bw.lower(_abstract_block(config), {"clip": clip, "lora": lora}, x, x,
+                                   x if p.aug_loss else None, None, config=config, qcfg=p.quant_config, opts=opts)
+    return lowered.compile()
 
 
-def _quantize_temp(config: ModelConfig, qcfg: QuantConfig) -> int:
+def _quantizer_programs(config: ModelConfig, qcfg: QuantConfig) -> list[Any]:
+    """The quantizer compiled once per linear shape (as ``freeze_layer`` compiles it), largest first."""
     from apiq_jax.models.quantized import _quantize_jit
 
-    out_f, in_f = max(linear_shapes(config).values(), key=lambda s: s[0] * s[1])
-    lowered = _quantize_jit.lower(jax.ShapeDtypeStruct((out_f, in_f), jnp.float32), qcfg)
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    shapes = sorted(set(linear_shapes(config).values()), key=lambda s: -s[0] * s[1])
+    return [_quantize_jit.lower(jax.ShapeDtypeStruct(s, jnp.float32), qcfg).compile() for s in shapes]
 
 
-def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | None = None) -> MemoryPlan:
+def _forward_program(config: ModelConfig, p: QuantizePlanInputs) -> Any:
+    """The block's forward on the activation cache (the streams' propagation), compiled."""
+    from apiq_jax.calibration.blocks import _run_block_jit, layer_idx_arg
+
+    x = jax.ShapeDtypeStruct((p.nsamples, p.seqlen, config.hidden_size), jnp.dtype(p.cache_dtype or p.dtype))
+    return _run_block_jit.lower(_abstract_block(config), x, config,
+                                layer_idx=layer_idx_arg(config, config.num_hidden_layers - 1)).compile()
+
+
+def compile_block_programs(config: ModelConfig, p: QuantizePlanInputs) -> tuple[int, int]:
+    """Compile what ``quantize`` compiles for a block; the programs' temporaries and what compiling kept.
+
+    The programs: ApiQ's training of the block (the trained methods), the block's forward on
+    the activation cache and the quantizer of each linear shape. They stay alive until this
+    process's resident memory is read again, as they stay in the jit caches of ``quantize``.
+
+    Args:
+      config: the model config.
+      p: the run's settings.
+
+    Returns:
+      ``(temp, kept)``: XLA's temporary bytes of the block's largest program (training for
+      ApiQ, the quantizer of the largest linear otherwise: ``compile().memory_analysis()``)
+      and the bytes compiling added to this process's resident memory (0 when the programs
+      were compiled before in this process: they are in its runtime then).
+    """
+    from apiq_jax.calibration.registry import get_method
+
+    before = resident_bytes()
+    quantizers = _quantizer_programs(config, p.quant_config)
+    programs = [*quantizers, _forward_program(config, p)]
+    if get_method(p.method).trains:
+        programs.append(_block_train_program(config, p))
+        temp = int(programs[-1].memory_analysis().temp_size_in_bytes)
+    else:
+        temp = int(quantizers[0].memory_analysis().temp_size_in_bytes)
+    kept = max(resident_bytes() - before, 0)
+    del programs, quantizers
+    return temp, kept
+
+
+def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | None = None,
+                  compiled: int | None = None) -> MemoryPlan:
     """Expected peak memory of ``apiq-jax quantize`` (host RSS on CPU; device + host on an accelerator).
 
     Args:
       config: the model config.
       p: the run's settings.
-      runtime: bytes of the process before any model data (default: :func:`runtime_bytes`).
+      runtime: bytes of the process before any model data and program (default: this
+        process's resident memory after :func:`import_quantize_runtime`).
+      compiled: bytes the compiled block programs keep (default: measured by
+        :func:`compile_block_programs` in this process).
 
     Returns:
-      The :class:`MemoryPlan` of the phase that peaks.
+      The :class:`MemoryPlan` of the phase that peaks; its parts name the runtime, the
+      compiled block programs, the block in float32 (and, for the methods that do not
+      train, in its storage dtype), the program's temporaries, the activation caches and
+      the packed layers (calibrating), or the packed model, embeddings and head (saving).
     """
     from apiq_jax.calibration.registry import get_method
 
     trains = get_method(p.method).trains
+    if runtime is None:
+        import_quantize_runtime(p.method)
+        runtime = resident_bytes()
+    if compiled is None:
+        temp, compiled = compile_block_programs(config, p)
+    else:  # only the program whose temporaries count
+        program = _block_train_program(config, p) if trains else _quantizer_programs(config, p.quant_config)[0]
+        temp = int(program.memory_analysis().temp_size_in_bytes)
     storage = jnp.dtype(p.dtype).itemsize
     cache = jnp.dtype(p.cache_dtype or p.dtype).itemsize
     block = sum(int(np.prod(s)) for s in layer_param_shapes(config).values())
+    largest_linear = max(int(np.prod(s)) for s in linear_shapes(config).values())
     layers = config.num_hidden_layers
     packed = packed_layer_bytes(config, p.quant_config)
     per_layer = packed + lora_layer_bytes(config, p.lora_config)  # the baselines hold their LoRA
@@ -205,21 +334,28 @@ def plan_quantize(config: ModelConfig, p: QuantizePlanInputs, *, runtime: int | 
     n_caches = (3 if p.aug_loss and p.method == "apiq-bw" else 2) if trains else 2
     embed = config.vocab_size * config.hidden_size * storage
     head = 0 if config.tie_word_embeddings else embed
-    base = runtime_bytes() if runtime is None else runtime
+    base = {"runtime": runtime, "compiled block programs": compiled}
+    if trains:  # begin() reads each lazily read tensor straight to float32: no storage-dtype copy of the block
+        block_parts = {"block (float32)": block * 4}
+    else:  # the block is read in its storage dtype; each linear is quantized in float32, one at a time
+        block_parts = {"block (storage dtype)": block * storage, "largest linear (float32)": largest_linear * 4}
     calibrating = {
-        "runtime": base,
-        "block (storage dtype)": block * storage,
-        "block (float32)": block * 4,
-        "block program temporaries": _block_train_temp(config, p) if trains else _quantize_temp(config, p.quant_config),
-        "activation caches": n_caches * stream,
+        **base,
+        **block_parts,
+        "block program temporaries": temp,
+        **({"one batch of the caches": n_caches * stream // p.nsamples * p.batch_size,
+            "activation caches" + HOST_SUFFIX: n_caches * stream} if p.offload_activations
+           else {"activation caches": n_caches * stream}),
         # ApiQ (`quantize` always has a work directory): LoRA and logits of finished blocks are on disk
         **({"packed layers so far": (layers - 1) * packed} if trains
            else {"packed layers, LoRA so far": (layers - 1) * per_layer}),
     }
     if trains:  # the LoRA and logits are read from the work directory one tensor at a time as they are written
-        saving = {"runtime": base, "packed layers": layers * packed, "embeddings and head": embed + head}
+        saving = {**base, "packed layers": layers * packed, "embeddings and head": embed + head,
+                  "reading a table (mapped file pages, host copy)": 2 * embed}
     else:
-        saving = {"runtime": base, "packed layers, LoRA": layers * per_layer, "embeddings and head": embed + head}
+        saving = {**base, "packed layers, LoRA": layers * per_layer, "embeddings and head": embed + head,
+                  "reading a table (mapped file pages, host copy)": 2 * embed}
     a, b = sum(calibrating.values()), sum(saving.values())
     if a >= b:
         return MemoryPlan("quantize", a, calibrating, "calibrating the last block")

@@ -5,7 +5,10 @@ runs nothing else). The baseline is another checkout of the library (e.g. a ``gi
 of an older commit) run with the same interpreter and arguments.
 
     python benchmarks/quantize_memory.py --sizes 2048x8x5632 2048x40x5632 --method apiq-bw \
-        [--baseline-tree OLD_CHECKOUT] [--work DIR]
+        [--baseline-tree OLD_CHECKOUT] [--work DIR] [--plan]
+
+``--plan`` adds the expected peak of ``apiq-jax plan`` (run in a fresh process of this checkout,
+as a user runs it) beside the measured one, and their ratio.
 
 Sizes are HIDDENxLAYERSxMLP (vocab 32000, 16 heads); checkpoints are written once under
 ``--work`` by :mod:`random_checkpoint` and reused.
@@ -56,6 +59,22 @@ def measure(tree: Path, model: Path, out: Path, calib: Path, method: str, epochs
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def plan(model: Path, method: str) -> dict:
+    """``apiq-jax plan`` of the same run (this checkout, a fresh process): its expected quantize peak.
+
+    Args:
+      model: the HF checkpoint.
+      method: the calibration method.
+
+    Returns:
+      ``plan``'s ``quantize`` entry (``{"job", "phase", "peak_gib", "parts_gib"}``).
+    """
+    args = [sys.executable, "-m", "apiq_jax.cli", "plan", "--model", str(model), "--method", method, "--bits", "2",
+            "--nsamples", "4", "--seqlen", "64", "--skip", "finetune"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=HERE.parent, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])["quantize"]
+
+
 def packed_layer_mb(hidden: int, mlp: int, bits: int = 2, group: int = 64) -> float:
     """Stored size of one layer's seven 2-bit linears (codes + fp16 scales + int16 zeros), MB.
 
@@ -83,6 +102,7 @@ def main() -> int:
     p.add_argument("--method", default="apiq-bw")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--baseline-tree", type=Path, default=None)
+    p.add_argument("--plan", action="store_true", help="also run apiq-jax plan: planned peak and planned/measured")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "apiq_quantize_memory")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -96,16 +116,25 @@ def main() -> int:
         if not (model / "config.json").exists():
             write_checkpoint(model, hidden=hidden, layers=layers, mlp=mlp, vocab=32000, heads=16, kv_heads=16)
         fp16_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30
+        planned = plan(model, args.method) if args.plan else None
+        if planned is not None:
+            print(json.dumps({"size": size, "plan": planned}), flush=True)
         for name, tree in trees:
             out = Path(tempfile.mkdtemp(dir=args.work)) / "q"
             res = measure(tree, model, out, calib, args.method, args.epochs)
-            rows.append((size, fp16_gb, name, res))
+            rows.append((size, fp16_gb, name, res, planned))
             print(json.dumps({"size": size, "tree": name, **res}), flush=True)
-    print(f"\n| model (hidden x layers x mlp) | fp16 on disk | code | {args.method} peak RSS |")
-    print("|---|---|---|---|")
-    for size, gb, name, res in rows:
-        peak = f"{res['peak_mb'] / 1024:.2f} GB" if res["rc"] == 0 else f"failed (rc {res['rc']})"
-        print(f"| {size} | {gb:.2f} GB | {name} | {peak} |")
+    extra = " plan | plan / measured |" if args.plan else ""
+    print(f"\n| model (hidden x layers x mlp) | fp16 on disk | code | {args.method} peak RSS |{extra}")
+    print("|---|---|---|---|" + ("---|---|" if args.plan else ""))
+    for size, gb, name, res, planned in rows:
+        ok = res["rc"] == 0
+        peak = f"{res['peak_mb']:.0f} MiB" if ok else f"failed (rc {res['rc']})"
+        cells = ""
+        if planned is not None:
+            plan_mb = planned["peak_gib"] * 1024
+            cells = f" {plan_mb:.0f} MiB | {plan_mb / res['peak_mb']:.2f} |" if ok else f" {plan_mb:.0f} MiB | - |"
+        print(f"| {size} | {gb:.2f} GiB | {name} | {peak} |{cells}")
     print(f"\npacked 2-bit layer (2048 x 5632): {packed_layer_mb(2048, 5632):.1f} MB")
     return 0
 

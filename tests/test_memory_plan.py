@@ -63,7 +63,7 @@ def test_finetune_plan_is_the_compiled_step_of_real_arrays():
 def test_quantize_plan_parts_scale_with_the_shapes():
     def plan(**kw):
         args = dict(method="apiq-bw", quant_config=QCFG, lora_config=LCFG, nsamples=4, seqlen=16, dtype="float32")
-        return plan_quantize(CFG, QuantizePlanInputs(**{**args, **kw}), runtime=0)
+        return plan_quantize(CFG, QuantizePlanInputs(**{**args, **kw}), runtime=0, compiled=0)
 
     base = plan()
     assert base.parts["activation caches"] == 3 * 4 * 16 * CFG.hidden_size * 4  # x_fp/t1, x_q, t2 in float32
@@ -76,6 +76,64 @@ def test_quantize_plan_parts_scale_with_the_shapes():
     assert rtn.parts["packed layers, LoRA so far"] == (CFG.num_hidden_layers - 1) * (
         packed_layer_bytes(CFG, QCFG) + lora_layer_bytes(CFG, LCFG))
     assert "activation caches" in rtn.parts and rtn.parts["activation caches"] == 2 * 4 * 16 * CFG.hidden_size * 4
+
+
+def test_saving_peaks_for_a_big_vocabulary_and_counts_reading_a_table():
+    big_vocab = ModelConfig("LlamaForCausalLM", 200_000, 64, 160, 2, 4, 2, 16)
+    plan = plan_quantize(big_vocab, QuantizePlanInputs(method="apiq-bw", quant_config=QCFG, lora_config=LCFG,
+                                                       nsamples=4, seqlen=16, dtype="float16"), runtime=0, compiled=0)
+    table = 200_000 * 64 * 2
+    assert plan.phase == "saving" and plan.parts["embeddings and head"] == 2 * table
+    assert plan.parts["reading a table (mapped file pages, host copy)"] == 2 * table
+
+
+def test_offloaded_plan_keeps_the_caches_on_the_host_and_one_batch_on_the_device():
+    def plan(**kw):
+        args = dict(method="apiq-bw", quant_config=QCFG, lora_config=LCFG, nsamples=8, seqlen=16, dtype="float32",
+                    offload_activations=True)
+        return plan_quantize(CFG, QuantizePlanInputs(**{**args, **kw}), runtime=0, compiled=0)
+
+    off, on_device = plan(), plan(offload_activations=False)
+    assert off.parts["activation caches (host)"] == on_device.parts["activation caches"]
+    assert off.parts["one batch of the caches"] == 3 * 16 * CFG.hidden_size * 4  # batch_size 1
+    assert off.host_only_bytes == off.parts["activation caches (host)"] and on_device.host_only_bytes == 0
+    assert off.to_dict()["device_gib"] == round((off.peak_bytes - off.host_only_bytes) / 2**30, 3)
+    # the one-batch step's temporaries do not grow with the calibration set; the whole-block program's do
+    assert plan(nsamples=32).parts["block program temporaries"] == off.parts["block program temporaries"]
+    assert (plan(nsamples=32, offload_activations=False).parts["block program temporaries"]
+            > on_device.parts["block program temporaries"])
+
+
+def test_quantize_plan_holds_the_block_as_calibration_reads_it():
+    """ApiQ reads each tensor straight to float32 (no storage-dtype copy); the baselines read the block as stored."""
+    from apiq_jax.models.llama import layer_param_shapes, linear_shapes
+
+    block = sum(int(np.prod(s)) for s in layer_param_shapes(CFG).values())
+    inputs = dict(quant_config=QCFG, lora_config=LCFG, nsamples=4, seqlen=16, dtype="float16")
+    apiq = plan_quantize(CFG, QuantizePlanInputs(method="apiq-bw", **inputs), runtime=0, compiled=0)
+    assert apiq.parts["block (float32)"] == 4 * block
+    assert not any("storage dtype" in part for part in apiq.parts)
+    rtn = plan_quantize(CFG, QuantizePlanInputs(method="rtn", **inputs), runtime=0, compiled=0)
+    assert rtn.parts["block (storage dtype)"] == 2 * block and "block (float32)" not in rtn.parts
+    assert rtn.parts["largest linear (float32)"] == 4 * max(int(np.prod(s)) for s in linear_shapes(CFG).values())
+
+
+def test_quantize_plan_runtime_is_what_quantize_imports_and_compiles():
+    """The runtime is this process after quantize's imports (transformers, torch); the block programs are compiled."""
+    import sys
+
+    from apiq_jax.memory_plan import compile_block_programs, resident_bytes
+
+    inputs = QuantizePlanInputs(method="apiq-bw", quant_config=QCFG, lora_config=LCFG, nsamples=4, seqlen=16,
+                                dtype="float32")
+    plan = plan_quantize(CFG, inputs)
+    assert "transformers" in sys.modules and "torch" in sys.modules
+    assert 0 < plan.parts["runtime"] <= resident_bytes() * 1.5
+    assert plan.parts["compiled block programs"] >= 0
+    assert list(plan.parts)[:2] == ["runtime", "compiled block programs"]
+    temp, kept = compile_block_programs(CFG, inputs)
+    assert temp == plan.parts["block program temporaries"] > 0 and kept >= 0
+    assert plan.peak_bytes == sum(plan.parts.values())
 
 
 @pytest.mark.parametrize("argv,message", [

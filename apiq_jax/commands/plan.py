@@ -1,7 +1,7 @@
 """``apiq-jax plan``: expected peak memory of ``quantize`` and ``finetune`` from the shapes alone.
 
     apiq-jax plan --model DIR_or_config.json --method M --bits B [--nsamples N --seqlen S]
-        [--batch-size B --grad-accum G --rank R --group-size N --dtype D --remat R]
+        [--batch-size B --grad-accum G --rank R --group-size N --dtype D --remat R --offload-activations]
 
 See :mod:`apiq_jax.memory_plan` for what is counted.
 """
@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="finetuning micro-batches per step (default 1)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="storage and compute dtype (default: the config's torch_dtype)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="apiq-bw: the activation caches in host memory (as quantize --offload-activations)")
     p.add_argument("--remat", default="block", help="finetuning rematerialisation policy (default block)")
     p.add_argument("--skip", choices=("quantize", "finetune"), default=None, help="plan only the other job")
 
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = check_method_options(args.method, args.bits, {
         name: getattr(args, name) for name in ("group_size", "rank", "nsamples", "seqlen", "batch_size", "grad_accum")})
+    if args.offload_activations and args.method != "apiq-bw":
+        raise ValueError(f"--offload-activations applies to --method apiq-bw only, not {args.method}")
     config, declared = _load_config(Path(args.model))
     dtype = args.dtype or declared
     qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, scheme=spec.default_scheme)
@@ -101,12 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if args.skip != "quantize":
         plans.append(plan_quantize(config, QuantizePlanInputs(
             method=args.method, quant_config=qcfg, lora_config=lcfg, nsamples=args.nsamples, seqlen=args.seqlen,
-            dtype=dtype)))
+            dtype=dtype, offload_activations=args.offload_activations)))
     if args.skip != "finetune":
         fc = FinetuneConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, dtype=dtype, remat=args.remat)
         plans.append(plan_finetune(config, qcfg, lcfg, args.batch_size, args.seqlen, fc))
     for plan in plans:
         print(f"\n{plan.job}: expected peak {plan.peak_bytes / GiB:.2f} GiB ({plan.phase})")
+        if plan.host_only_bytes:
+            print(f"  on an accelerator: {(plan.peak_bytes - plan.host_only_bytes) / GiB:.2f} GiB of device memory, "
+                  "the parts marked (host) in host memory")
         for part, nbytes in plan.parts.items():
             print(f"  {part:45s} {nbytes / GiB:9.3f} GiB")
     print_json({"model": str(args.model), "dtype": dtype, "method": args.method, "bits": args.bits,

@@ -237,3 +237,15 @@ def test_default_dtype_is_the_checkpoints(tmp_path, llama_dir):
     assert load_pretrained(out).dtype.name == "bfloat16"                       # default: as stored
     assert load_pretrained(out, dtype="float32").dtype.name == "float32"      # or as asked
     assert checkpoint_dtype(load_hf_config(path)).name == "float32"
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_all_finite_checks_every_chunk(monkeypatch, bad):
+    """The finiteness check of a read tensor runs in chunks (no array-sized mask) and misses no chunk."""
+    import apiq_jax.models.hf_io as hf_io
+
+    monkeypatch.setattr(hf_io, "_FINITE_CHUNK", 7)
+    arr = np.arange(6 * 5, dtype=np.float16).reshape(6, 5)
+    if bad is not None:
+        arr[-1, -1] = bad  # in the last, partial chunk
+    assert hf_io.all_finite(arr) is (bad is None)

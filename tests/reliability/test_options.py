@@ -65,6 +65,12 @@ def test_plan_shares_the_quantize_checks(capsys, tiny_hf, extra, fragment):
     assert_user_error(code, err, fragment, "plan")
 
 
+def test_plan_offload_is_apiq_bw_only(capsys, tiny_hf):
+    code, _, err = run_cli(capsys, "plan", "--model", tiny_hf, "--method", "rtn", "--bits", "2",
+                           "--offload-activations")
+    assert_user_error(code, err, "--offload-activations applies to --method apiq-bw only, not rtn", "plan")
+
+
 # --- unwise but legal: a warning -----------------------------------------------------------------------
 def test_rank_at_least_min_in_out_warns(capsys, tiny_hf, files, tmp_path):
     """k/v project 64 -> 32: rank 32 makes their factors as big as a full-rank update."""
