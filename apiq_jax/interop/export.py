@@ -16,7 +16,6 @@ Three formats, each a directory with the tokenizer files copied over:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -163,29 +162,5 @@ def write_gptq(
     return out
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, with a clear error naming the file.
-
-    Args:
-      path: the file.
-
-    Returns:
-      The object.
-
-    Raises:
-      FileNotFoundError: a missing file.
-      ValueError: invalid JSON or not an object.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return obj
-
-
-__all__ = ["ADAPTER_SUBDIR", "APIQ_KEY", "FORMATS", "export_model", "read_json", "write_gptq"]
+__all__ = ["ADAPTER_SUBDIR", "APIQ_KEY", "FORMATS", "export_model", "write_gptq"]
 

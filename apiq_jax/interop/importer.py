@@ -19,12 +19,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from apiq_jax.interop.export import ADAPTER_SUBDIR, APIQ_KEY, read_json
+from apiq_jax.interop.export import ADAPTER_SUBDIR, APIQ_KEY
 from apiq_jax.interop.gptq_format import from_gptq
 from apiq_jax.interop.peft_io import ADAPTER_CONFIG, load_adapter
 from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.hf_io import CONFIG_FILE, hf_name, load_config, load_params
+from apiq_jax.models.hf_io import CONFIG_FILE, hf_name, load_config, load_params, read_json
 from apiq_jax.models.llama import flatten_params, param_shapes, unflatten_params
 from apiq_jax.models.quantized_io import save_quantized
 from apiq_jax.quant import QuantConfig, QuantizedTensor

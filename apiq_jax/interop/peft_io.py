@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from apiq_jax.lora import Lora, LoraConfig, lora_from_factors
-from apiq_jax.models.hf_io import hf_name
+from apiq_jax.models.hf_io import hf_name, read_json
 from apiq_jax.models.safetensors_io import write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,10 +95,7 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> L
         if not (d / f).is_file():
             raise FileNotFoundError(f"adapter file {d / f} not found (a peft adapter needs {ADAPTER_CONFIG} and "
                                     f"{ADAPTER_WEIGHTS})")
-    try:
-        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    cfg = read_json(d / ADAPTER_CONFIG)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}; accepted: 'LORA'")
     unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out") if cfg.get(k)}

@@ -47,6 +47,31 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 # --- names --------------------------------------------------------------------------------
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``, with a clear error naming the file.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The object.
+
+    Raises:
+      FileNotFoundError: a missing file.
+      ValueError: invalid JSON or not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def hf_name(name: str) -> str:
     """Our flat parameter name -> the HF safetensors key (``"layers.0.q_proj"`` ->
     ``"model.layers.0.self_attn.q_proj.weight"``).

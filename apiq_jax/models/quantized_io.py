@@ -45,7 +45,7 @@ import numpy as np
 
 from apiq_jax.lora import Lora, LoraConfig
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.hf_io import CONFIG_FILE, copy_tokenizer_files, load_config
+from apiq_jax.models.hf_io import CONFIG_FILE, copy_tokenizer_files, load_config, read_json
 from apiq_jax.models.llama import Params, check_params, flatten_params, param_shapes, unflatten_params
 from apiq_jax.models.safetensors_io import (
     StagedFiles,
@@ -272,12 +272,7 @@ class QuantizedCheckpoint:
         meta_path = p / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found; {p} is not a saved apiq-jax quantized model")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        meta = read_json(meta_path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format={meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("version") != VERSION:

@@ -249,3 +249,19 @@ def test_all_finite_checks_every_chunk(monkeypatch, bad):
     if bad is not None:
         arr[-1, -1] = bad  # in the last, partial chunk
     assert hf_io.all_finite(arr) is (bad is None)
+
+
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path):
+    from apiq_jax.models.hf_io import read_json
+
+    f = tmp_path / "config.json"
+    with pytest.raises(FileNotFoundError, match=f"{f} not found"):
+        read_json(f)
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON \("):
+        read_json(f)
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, got list"):
+        read_json(f)
+    f.write_text('{"a": 1}')
+    assert read_json(f) == {"a": 1}
