@@ -250,9 +250,17 @@ def dequantize(qt: QuantizedTensor) -> jnp.ndarray:
     return _dequantize_storage(qt)
 
 
-def _xla_operand(qt: QuantizedTensor, dtype: Any) -> jnp.ndarray:
-    """The dense dot operand of ``qt`` in ``dtype``: ``[N, n_groups * group_size]`` (storage
-    layout, padded columns included) or ``[N, K]`` (kernel layout)."""
+def dense_operand(qt: QuantizedTensor, dtype: Any) -> jnp.ndarray:
+    """The dense dot operand the XLA backend dequantizes ``qt`` into (inside the caller's program).
+
+    Args:
+      qt: the quantized weight ``[N, K]``.
+      dtype: the operand's dtype (rounded through ``qt.dtype`` first, as dequantization does).
+
+    Returns:
+      ``[N, n_groups * group_size]`` (storage layout, padded columns included: pad the
+      input's columns to match) or ``[N, K]`` (kernel layout).
+    """
     if qt.layout == "kernel":
         return pallas_kernels.dequantize_prepared(_kernel_weights(qt)).astype(dtype)
     n = qt.shape[0]
@@ -264,7 +272,7 @@ def _xla_operand(qt: QuantizedTensor, dtype: Any) -> jnp.ndarray:
 
 
 def _xla_forward(x2d: jnp.ndarray, qt: QuantizedTensor) -> jnp.ndarray:
-    w = _xla_operand(qt, x2d.dtype)
+    w = dense_operand(qt, x2d.dtype)
     xp = jnp.pad(x2d, ((0, 0), (0, w.shape[1] - x2d.shape[1])))
     return jax.lax.dot_general(xp, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -282,7 +290,7 @@ def _xla_matmul_fwd(x2d, qt):
 
 def _xla_matmul_bwd(res, dy):
     qt, proto = res
-    w = _xla_operand(qt, proto.dtype)  # recomputed from the codes, fused into the dot by XLA
+    w = dense_operand(qt, proto.dtype)  # recomputed from the codes, fused into the dot by XLA
     dx = jax.lax.dot_general(dy.astype(proto.dtype), w, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     # the frozen weight gets no cotangent (None: symbolically zero, integer codes included)

@@ -50,7 +50,7 @@ from flax import nnx
 from apiq_jax.data import check_ids
 from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.qmatmul import default_backend, qmatmul
+from apiq_jax.qmatmul import default_backend, dense_operand, qmatmul, resolve_backend
 from apiq_jax.quant import FakeQuantWeight, QuantizedTensor, dequantize, fake_quant_matmul
 from apiq_jax.sharding import gather_layer
 
@@ -375,8 +375,38 @@ def _lora_matmuls_fwd(x, a, b):
 def _lora_matmuls_bwd(res, g):
     x, a, b, xa = res
     g = g.astype(x.dtype)
+    if x.dtype != jnp.float32:  # 16-bit: products in the forms XLA's CPU backend runs in 16 bits
+        gxa = _dot_nt32(g, b).astype(x.dtype)
+        return (_dot_nt32(gxa, a).astype(x.dtype), _dot_tn32(gxa, x).astype(a.dtype).T,
+                _dot_tn32(xa, g).astype(b.dtype))
     gxa = _dot32(g, b.T).astype(x.dtype)
     return _dot32(gxa, a.T).astype(x.dtype), _dot32(x.T, gxa).astype(a.dtype), _dot32(xa.T, g).astype(b.dtype)
+
+
+def _dot_nt32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """``a [m, k] @ b [n, k]^T`` accumulated in float32, ``b`` read in its own layout.
+
+    (``a @ b.T`` gives XLA a transposed operand layout, which its CPU backend does not
+    multiply in 16 bits: it converts both operands to float32 copies first.)
+    """
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn32(p: jnp.ndarray, q: jnp.ndarray) -> jnp.ndarray:
+    """``p [m, r]^T @ q [m, n]`` accumulated in float32, for a 16-bit ``p`` with few columns.
+
+    XLA's CPU backend runs a product contracting the leading dimension of both operands
+    in float32 (converting both, e.g. a whole ``[m, n]`` activation, to float32 copies).
+    With the ``m`` rows split in two, the compiler instead transposes ``p`` (small) into a
+    16-bit ``[r, m]`` copy and multiplies in 16 bits (float32 accumulation).
+    """
+    m = p.shape[0]
+    # (Transpose the result only after a cast: XLA rewrites a transpose of the product itself
+    # into a product its CPU backend then fails to run in 16 bits.)
+    if m % 2:
+        return jax.lax.dot_general(p, q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jnp.einsum("kmr,kmn->rn", p.reshape(2, m // 2, -1), q.reshape(2, m // 2, -1),
+                      preferred_element_type=jnp.float32)
 
 
 _lora_matmuls.defvjp(_lora_matmuls_fwd, _lora_matmuls_bwd)
@@ -387,6 +417,43 @@ def _lora_term(x: jnp.ndarray, lora: Lora) -> jnp.ndarray:
     lead = x.shape[:-1]
     y = _lora_matmuls(x.reshape(-1, x.shape[-1]), lora.a.astype(x.dtype), lora.b.astype(x.dtype))
     return (lora.scale * y).astype(x.dtype).reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qlora16(x: jnp.ndarray, qt: QuantizedTensor, a: jnp.ndarray, b: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """``x @ W^T + scale * (x @ a) @ b`` of a 16-bit ``x [m, in]`` and quantized ``W``, in ``x``'s dtype.
+
+    The XLA backend's 16-bit path of :func:`linear` with a LoRA: the base product and
+    the LoRA product are one dot, ``[x, s] @ [W, b^T]^T`` with ``s = scale * (x @ a)``
+    rounded to 16 bits (float32 accumulation), so XLA's CPU backend, whose 16-bit dots
+    produce float32, holds one float32 ``[m, out]`` result instead of two (the LoRA
+    term's and the base product's, alive together until their sum). The backward pass
+    does the same for ``dx = [g, g_s] @ [W; a^T]``; like :func:`apiq_jax.qmatmul.xla_matmul`
+    it keeps no dense weight (``W`` is dequantized again from the codes), and ``W`` gets
+    no gradient.
+    """
+    return _qlora16_fwd(x, qt, a, b, scale)[0]
+
+
+def _qlora16_fwd(x, qt, a, b, scale):
+    w = dense_operand(qt, x.dtype)  # [out, in rounded up to whole groups]
+    xs = (scale * _dot32(x, a)).astype(x.dtype)
+    lhs = jnp.concatenate([jnp.pad(x, ((0, 0), (0, w.shape[1] - x.shape[1]))), xs], axis=1)
+    y = _dot_nt32(lhs, jnp.concatenate([w, b.T], axis=1)).astype(x.dtype)
+    return y, (x, qt, a, b, xs)
+
+
+def _qlora16_bwd(scale, res, g):
+    x, qt, a, b, xs = res
+    g = g.astype(x.dtype)
+    w = dense_operand(qt, x.dtype)  # recomputed from the codes
+    gs = (scale * _dot_nt32(g, b)).astype(x.dtype)  # cotangent of x @ a
+    at = jnp.pad(a.T, ((0, 0), (0, w.shape[1] - x.shape[1])))
+    dx = _dot32(jnp.concatenate([g, gs], axis=1), jnp.concatenate([w, at], axis=0))[:, : x.shape[1]]
+    return dx.astype(x.dtype), None, _dot_tn32(gs, x).astype(a.dtype).T, _dot_tn32(xs, g).astype(b.dtype)
+
+
+_qlora16.defvjp(_qlora16_fwd, _qlora16_bwd)
 
 
 def linear(
@@ -410,8 +477,15 @@ def linear(
       backend: qmatmul backend for a quantized ``w`` (None: the default).
 
     Returns:
-      ``[..., out]`` in ``x``'s dtype.
+      ``[..., out]`` in ``x``'s dtype. A 16-bit ``x`` with a quantized ``w`` and a LoRA on
+      the XLA backend runs as one dot (:func:`_qlora16`).
     """
+    if isinstance(w, QuantizedTensor) and lora is not None and x.dtype != jnp.float32 and (
+            resolve_backend(backend) == "xla"):
+        lead = x.shape[:-1]
+        y = _qlora16(x.reshape(-1, x.shape[-1]), w, lora.a.astype(x.dtype), lora.b.astype(x.dtype), lora.scale)
+        y = y.reshape(*lead, w.shape[0])
+        return y if bias is None else y + bias.astype(y.dtype)
     if isinstance(w, QuantizedTensor):
         lead = x.shape[:-1]
         y = qmatmul(x.reshape(-1, x.shape[-1]), w, backend=backend).astype(x.dtype).reshape(*lead, w.shape[0])

@@ -411,6 +411,39 @@ def test_lora_products_vjp_equals_autodiff_of_the_plain_products(dtype, tol):
         assert np.abs(g - w).max() <= tol * np.abs(w).max()
 
 
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("lead", [(3, 40), (3, 7)])  # an even and an odd number of rows
+def test_16bit_lora_linear_matches_float32(quantized, lead):
+    """A 16-bit linear with a LoRA (quantized: one fused dot, :func:`L._qlora16`; dense: the
+    16-bit gradient products of :func:`L._lora_matmuls`) runs jitted (every dot in a form
+    XLA's CPU backend executes) and gives the float32 linear's value and gradients to
+    bfloat16 rounding."""
+    import dataclasses
+
+    import apiq_jax.models.llama as L
+    from apiq_jax.lora import Lora, LoraConfig
+    from apiq_jax.quant import QuantConfig, quantize
+
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((56, 40)) * 0.1, jnp.float32)
+    w = quantize(w, QuantConfig(bits=2, group_size=32)) if quantized else w  # 40 inputs: a padded group
+    x = jnp.asarray(rng.standard_normal((*lead, 40)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((40, 4)) * 0.1, jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4, 56)) * 0.1, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((*lead, 56)), jnp.float32)
+
+    def loss(x, a, b, w):
+        lora = Lora({"a": a, "b": b}, LoraConfig(rank=4, alpha=8.0))
+        return jnp.sum(L.linear(x, w, lora, backend="xla").astype(jnp.float32) * ct)
+
+    w16 = dataclasses.replace(w, dtype="bfloat16") if quantized else w.astype(jnp.bfloat16)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x.astype(jnp.bfloat16), a, b, w16)
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b, w)
+    assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == got[1][2].dtype == jnp.float32
+    for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # value, dx, da, db
+        assert g.shape == ref.shape and _rel(g, ref) <= 2e-2
+
+
 def test_dense_matmul_vjp_equals_autodiff_of_the_plain_product():
     """The trained-weight path (ApiQ's fake-quantized weights): dx and dw of x @ w^T."""
     import apiq_jax.models.llama as L
