@@ -127,7 +127,8 @@ def import_quantize_runtime(method: str) -> None:
     """Import what ``apiq-jax quantize`` imports before its first block (so this process holds that runtime).
 
     ``quantize`` reads the model's config with transformers (which imports torch), runs the
-    method's calibration module and, for ApiQ, checkpoints into a work directory.
+    method's calibration module and, for ApiQ, checkpoints into a work directory. (The
+    command modules themselves are imported by the CLI that ``apiq-jax plan`` runs in.)
 
     Args:
       method: the calibration method (its module is imported through the registry).
@@ -139,7 +140,6 @@ def import_quantize_runtime(method: str) -> None:
 
     from apiq_jax.calibration import workdir  # noqa: F401  (ApiQ's work directory)
     from apiq_jax.calibration.registry import get_method
-    from apiq_jax.commands import quantize  # noqa: F401
 
     transformers.AutoConfig  # noqa: B018  (the lazy module imports its config machinery on first use)
     get_method(method)
