@@ -90,11 +90,14 @@ def _chain(args, out: Path, seed: int, max_delay: float) -> int:
         if landed == KILLS:
             break
         code = _kill_after(args, out, rng.uniform(0.0, max_delay))
-        if code == -signal.SIGKILL:
+        marker = read_marker(out)
+        if code == -signal.SIGKILL and (marker is None or marker["state"] != COMPLETE):
             landed += 1
             _assert_unfinished(out)
-        else:  # it finished before the kill: start over for the next moment
-            assert code == 0 and read_marker(out)["state"] == COMPLETE
+        else:  # it finished before the kill, or was killed while exiting after its last write (the complete
+            # marker): a finished output; start over for the next moment
+            assert code in (0, -signal.SIGKILL) and marker["state"] == COMPLETE
+            check_finished(out)
             args = [*args, "--overwrite"] if "--overwrite" not in args else args
     assert main([str(a) for a in args if a != "--overwrite"]) == 0  # the last rerun, in process
     return landed
