@@ -304,6 +304,19 @@ def gather_layer(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
+def fsdp_mesh() -> Mesh | None:
+    """The mesh set by :func:`jax.set_mesh` when its ``"fsdp"`` axis is above 1, else None.
+
+    Returns:
+      The concrete mesh (calibration then splits a block's weights and training state over
+      ``"fsdp"``), or None.
+    """
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return None
+    return mesh
+
+
 def to_host(tree: Any) -> Any:
     """Every array leaf of ``tree`` as one numpy array on this host (gathered across processes).
 

@@ -9,6 +9,7 @@
   into the caller's compiled program (``lax.scan`` over batches inside ``lax.scan`` over
   epochs), each step a :func:`train_step` (which a caller streaming batches from the host
   compiles alone).
+* :func:`data_parallel_spec`: how a batch is split over the mesh, when it can be.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
+import apiq_jax.sharding as sharding
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.calibration.progress import report_epoch
 
-__all__ = ["TorchAdamState", "make_optimizer", "run_epochs", "scale_by_torch_adam", "torch_adamw", "train_step"]
+__all__ = ["TorchAdamState", "data_parallel_spec", "make_optimizer", "run_epochs", "scale_by_torch_adam", "torch_adamw", "train_step"]
 
 
 class TorchAdamState(NamedTuple):
@@ -120,6 +123,31 @@ def make_optimizer(opts: ApiQOptions) -> optax.GradientTransformation:
         {"lora": adamw(opts.lora_lr, opts.lora_weight_decay), "clip": adamw(opts.clip_lr, opts.clip_weight_decay)},
         labels,
     )
+
+
+def data_parallel_spec(batch_size: int) -> PartitionSpec | None:
+    """Data parallelism of a training step over the mesh set by :func:`jax.set_mesh` (traced).
+
+    A batch's ``batch_size`` samples are split over ``("data", "fsdp")`` (or ``"data"``)
+    when it is a multiple of the ``"data"`` axis: every device computes the loss of its own
+    samples and the compiler sums the gradients. Otherwise (the reference's
+    ``batch_size=1``: one sample per step, nothing to split without changing the algorithm)
+    the step runs replicated.
+
+    Args:
+      batch_size: the samples of one batch.
+
+    Returns:
+      The spec of one batch ``[batch_size, ...]`` (apply it with
+      ``jax.lax.with_sharding_constraint``), or None.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names:
+        return None
+    try:
+        return PartitionSpec(*sharding.batch_spec(mesh, batch_size))
+    except ValueError:
+        return None
 
 
 def train_step(loss_fn: Callable[[Any, Any], tuple[jnp.ndarray, jnp.ndarray]],

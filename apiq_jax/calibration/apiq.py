@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import apiq_jax.sharding as sharding
 from apiq_jax.calibration.blocks import (
     as_float32,
     block_error,
@@ -138,6 +139,8 @@ class ApiQContext:
         dtype = jnp.dtype(layer["q_proj"].dtype).name
         dense = as_float32(layer)
         state = self.start_state(i, layer)
+        if (mesh := sharding.fsdp_mesh()) is not None:  # the training state split like the block (as_float32)
+            state = sharding.place(state, mesh)
         if self.opts.lora_init != "default":  # LoftQ/CLoQ start: fitted to this block's W - Q0 (on x_q)
             state["lora"] = self.fitted_lora(i, dense, state, streams["x_q"], li)
         t1 = run_block(dense, streams["x_fp"], self.config, None, layer_idx=li, consume=consume_fp)

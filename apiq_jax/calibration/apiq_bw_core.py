@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-import apiq_jax.sharding as sharding
-from apiq_jax.calibration.adamw import make_optimizer, run_epochs, train_step
+from apiq_jax.calibration.adamw import data_parallel_spec, make_optimizer, run_epochs, train_step
 from apiq_jax.calibration.blocks import fake_quant_layer
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.models.config import ModelConfig
@@ -67,27 +66,6 @@ def bw_block_loss(
     return l1 + l2, jnp.stack([l1, l2])
 
 
-def _batch_split(batch_size: int) -> PartitionSpec | None:
-    """Data parallelism of the block's training over the mesh set by :func:`jax.set_mesh` (traced).
-
-    Each batch's ``batch_size`` samples are split over ``("data", "fsdp")`` (or ``"data"``)
-    when it is a multiple of the ``"data"`` axis: every device computes the loss of its own
-    samples and the compiler sums the gradients. Otherwise (the reference's
-    ``batch_size=1``: one sample per step, nothing to split without changing the algorithm)
-    the step runs replicated.
-
-    Returns:
-      The spec of one batch ``[batch_size, ...]``, or None.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or "data" not in mesh.axis_names:
-        return None
-    try:
-        return PartitionSpec(*sharding.batch_spec(mesh, batch_size))
-    except ValueError:
-        return None
-
-
 @partial(jax.jit, static_argnames=("config", "qcfg", "opts", "layer_idx"))
 def train_block_bw(
     layer: Mapping[str, Any], train0: Mapping[str, Any], x_q: jnp.ndarray, t1: jnp.ndarray, t2: jnp.ndarray | None,
@@ -112,7 +90,7 @@ def train_block_bw(
       ``(train, losses [epochs, n_batches], terms [epochs, n_batches, 2])``.
     """
     loss_fn = partial(_batch_loss, layer=layer, config=config, qcfg=qcfg, layer_idx=layer_idx,
-                      split=_batch_split(opts.batch_size))
+                      split=data_parallel_spec(opts.batch_size))
     return run_epochs(loss_fn, train0, (x_q, t1, t2), opts, progress)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from apiq_jax.calibration.adamw import run_epochs
+from apiq_jax.calibration.adamw import data_parallel_spec, run_epochs
 from apiq_jax.calibration.options import ApiQOptions
 from apiq_jax.models.llama import linear
 from apiq_jax.quant import ClipLogits, QuantConfig, fake_quantize
@@ -95,7 +95,11 @@ def train_stage_lw(layer: Mapping[str, Any], train0: Mapping[str, Any], x: jnp.n
     Returns:
       ``(train, losses [epochs, n_batches], losses [epochs, n_batches, 1])``.
     """
+    split = data_parallel_spec(opts.batch_size)
+
     def loss_fn(train, batch):
+        if split is not None:  # data parallel over the mesh's devices (the compiler sums the gradients)
+            batch = tuple(jax.lax.with_sharding_constraint(v, split) for v in batch)
         x_in, xq_in = (v.astype(jnp.float32) for v in batch)  # 16-bit caches: computed in float32
         loss = lw_stage_loss(train, layer, x_in, xq_in, names, lora_names, qcfg)
         return loss, loss[None]

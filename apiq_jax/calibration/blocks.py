@@ -33,7 +33,8 @@ from apiq_jax.models.quantized import quantize_weight
 from apiq_jax.quant import ClipLogits, FakeQuantWeight, QuantConfig, QuantizedTensor, fake_quantize
 
 __all__ = ["HOST_CHUNK_BYTES", "as_float32", "block_error", "embed_ids", "embed_ids_host", "fake_quant_layer",
-           "float32_view", "freeze_layer", "host_chunks", "layer_idx_arg", "run_block", "stream_error", "with_quantized"]
+           "float32_view", "freeze_layer", "host_chunks", "layer_idx_arg", "run_block", "sample_groups", "split_samples",
+           "stream_error", "with_quantized"]
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -83,18 +84,33 @@ def samples_sharding(n: int) -> NamedSharding | None:
         return None
 
 
-def _groups(xs: Any) -> tuple[int, NamedSharding | None]:
-    """``(devices splitting xs's samples, the sharding of a leading group axis)``; ``(1, None)`` when not split."""
+def sample_groups(xs: Any) -> tuple[int, NamedSharding | None]:
+    """How the samples of a cache are split over the devices.
+
+    Args:
+      xs: a cache ``[n, ...]`` (a device array, possibly split over a mesh by samples).
+
+    Returns:
+      ``(devices splitting xs's samples, the sharding of a leading group axis)``; ``(1, None)``
+      when not split.
+    """
     sh = getattr(xs, "sharding", None)
     if not isinstance(sh, NamedSharding) or not len(sh.spec) or sh.spec[0] is None:
         return 1, None
     return xs.shape[0] // sh.shard_shape(xs.shape)[0], NamedSharding(sh.mesh, PartitionSpec(sh.spec[0]))
 
 
-def _split_samples(fn: Any, xs: jnp.ndarray, *others: Any, groups: int, axes: Any) -> Any:
-    """``fn(xs, *others)`` run as ``groups`` independent sample loops, one per device (vmapped over groups).
+def split_samples(fn: Any, xs: jnp.ndarray, *others: Any, groups: int, axes: Any) -> Any:
+    """``fn(xs, *others)`` run as ``groups`` independent sample loops, one per device (vmapped over groups; traced).
 
-    ``axes`` is the NamedSharding of the leading group axis (from :func:`_groups`).
+    Args:
+      fn: ``fn(xs_part, *others_part)`` on ``n / groups`` samples.
+      xs, others: arrays ``[n, ...]`` (an ``others`` entry may be None).
+      groups: the number of sample groups (from :func:`sample_groups`).
+      axes: the NamedSharding of the leading group axis (from :func:`sample_groups`).
+
+    Returns:
+      ``fn``'s outputs with a leading group axis ``[groups, ...]``.
     """
     def grouped(x: Any) -> Any:
         if x is None:
@@ -133,7 +149,7 @@ def _run_block(layer_params, xs, config, lora=None, layer_idx=None):
 
 def _run_block_split(layer_params, xs, config, lora=None, layer_idx=None, groups=1, axes=None):
     """:func:`_run_block` with the samples split in ``groups`` over the mesh axes ``axes``."""
-    out = _split_samples(lambda x: _run_block(layer_params, x, config, lora, layer_idx), xs, groups=groups, axes=axes)
+    out = split_samples(lambda x: _run_block(layer_params, x, config, lora, layer_idx), xs, groups=groups, axes=axes)
     return out.reshape(xs.shape)
 
 
@@ -171,7 +187,7 @@ def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelCon
         for c in host_chunks(xs):
             out[c] = np.asarray(_run_block_donating(layer_params, jnp.asarray(xs[c]), config, lora, layer_idx=layer_idx))
         return out
-    groups, axes = _groups(xs)
+    groups, axes = sample_groups(xs)
     if groups > 1:  # samples split over the mesh: one loop per device
         fn = _run_block_split_donating if consume else _run_block_split_jit
         return fn(layer_params, xs, config, lora, layer_idx=layer_idx, groups=groups, axes=axes)
@@ -194,7 +210,7 @@ def _error_sums(layer_params, xs, targets, config, lora=None, layer_idx=None):
 def _error_sums_jit(layer_params, xs, targets, config, lora=None, layer_idx=None, groups=1, axes=None):
     if groups == 1:
         return _error_sums(layer_params, xs, targets, config, lora, layer_idx)
-    sums = _split_samples(lambda x, t: _error_sums(layer_params, x, t, config, lora, layer_idx), xs, targets,
+    sums = split_samples(lambda x, t: _error_sums(layer_params, x, t, config, lora, layer_idx), xs, targets,
                           groups=groups, axes=axes)  # [groups, 2, n / groups]
     return jnp.moveaxis(sums, 0, 1).reshape(2, xs.shape[0])
 
@@ -235,7 +251,7 @@ def block_error(layer_params: Mapping[str, Any], xs: jnp.ndarray, targets: jnp.n
         return _ratio(np.concatenate([np.asarray(_error_sums_jit(
             layer_params, jnp.asarray(xs[c]), jnp.asarray(targets[c]), config, lora, layer_idx=layer_idx))
             for c in host_chunks(xs)], axis=1))
-    groups, axes = _groups(xs)
+    groups, axes = sample_groups(xs)
     return _ratio(_error_sums_jit(layer_params, xs, targets, config, lora, layer_idx=layer_idx, groups=groups,
                                   axes=axes))
 
@@ -316,13 +332,22 @@ def layer_idx_arg(config: ModelConfig, i: int) -> int | None:
 def as_float32(layer: Mapping[str, Any]) -> dict[str, Any]:
     """Every array of a dense layer cast to float32 (the precision calibration trains in).
 
+    Under :func:`jax.set_mesh` with an ``"fsdp"`` axis above 1 each array is split over it
+    by the rules of :func:`apiq_jax.sharding.tree_specs` (FSDP of a block too big for one
+    device): it is read and cast on the host and sent to its shards, never whole to one device.
+
     Args:
-      layer: a layer's dict of arrays.
+      layer: a layer's dict of arrays (or lazily read tensors).
 
     Returns:
       A new dict with float32 arrays.
     """
-    return {k: jnp.asarray(v, jnp.float32) for k, v in layer.items()}
+    mesh = sharding.fsdp_mesh()
+    if mesh is None:
+        return {k: jnp.asarray(v, jnp.float32) for k, v in layer.items()}
+    specs = sharding.tree_specs({k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in layer.items()},
+                                mesh.shape["fsdp"])
+    return {k: jax.device_put(np.asarray(v, np.float32), NamedSharding(mesh, specs[k])) for k, v in layer.items()}
 
 
 def float32_view(layer: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from apiq_jax.calibration.blocks import sample_groups, split_samples
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import attention, attention_mask_matrix, linear, rms_norm, rope_cos_sin
@@ -96,10 +97,29 @@ def stage_input(
     return jax.nn.silu(gate) * up
 
 
-@partial(jax.jit, static_argnames=("config", "stage", "layer_idx"))
+def _stage_inputs(layer, xs, config, stage, lora, layer_idx):
+    def one(x):  # computed in float32 (as calibration trains), stored back in the cache dtype
+        return stage_input(layer, x[None].astype(jnp.float32), config, stage, lora, layer_idx)[0].astype(xs.dtype)
+
+    return jax.lax.map(one, xs)
+
+
+@partial(jax.jit, static_argnames=("config", "stage", "layer_idx", "groups", "axes"))
+def _stage_inputs_jit(layer, xs, config, stage, lora=None, layer_idx=None, groups=1, axes=None):
+    if groups == 1:
+        return _stage_inputs(layer, xs, config, stage, lora, layer_idx)
+    out = split_samples(lambda x: _stage_inputs(layer, x, config, stage, lora, layer_idx), xs, groups=groups,
+                        axes=axes)  # [groups, n / groups, s, in]
+    return out.reshape(xs.shape[0], *out.shape[2:])
+
+
 def stage_inputs(layer: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, stage: int, lora: Lora | None = None,
                  layer_idx: int | None = None) -> jnp.ndarray:
     """:func:`stage_input` of every sample of ``xs [n, s, D]`` (batch 1 each, one program).
+
+    Under :func:`jax.set_mesh`, a cache split over the devices by samples is computed as one
+    sample loop per device (as :func:`~apiq_jax.calibration.blocks.run_block`) and the result
+    is split the same way.
 
     Args:
       layer, config, stage, lora, layer_idx: see :func:`stage_input`.
@@ -108,8 +128,5 @@ def stage_inputs(layer: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig,
     Returns:
       ``[n, s, in]`` in ``xs``'s dtype.
     """
-
-    def one(x):  # computed in float32 (as calibration trains), stored back in the cache dtype
-        return stage_input(layer, x[None].astype(jnp.float32), config, stage, lora, layer_idx)[0].astype(xs.dtype)
-
-    return jax.lax.map(one, xs)
+    groups, axes = sample_groups(xs)
+    return _stage_inputs_jit(layer, xs, config, stage, lora, layer_idx=layer_idx, groups=groups, axes=axes)
