@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,10 @@ from apiq_jax.lora import LINEARS, LoraConfig, init_lora
 from apiq_jax.models import ModelConfig, forward, init_params, load_pretrained, quantize_model, save_pretrained
 from apiq_jax.quant import QuantConfig
 
-DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import add_model_arguments, interleaved_medians  # noqa: E402
+
 #: the official ApiQ (PyTorch) block step on the 6x256 shape, 128 x 256 tokens, batch 1, rank 16, this CPU
 OFFICIAL_MS_PER_STEP = 32.7
 RANK = 16
@@ -122,19 +124,6 @@ def torch_steps(path: Path, ids: np.ndarray) -> dict[str, Callable[[], Any]]:
     return {"step dense": step, "forward": fwd}
 
 
-def alternate(jax_runs: dict[str, Callable[[], Any]], torch_runs: dict[str, Callable[[], Any]],
-              reps: int) -> dict[str, list[float]]:
-    """Seconds of every run, the two frameworks alternating, ``reps`` rounds."""
-    runs = {f"jax {k}": v for k, v in jax_runs.items()} | {f"torch {k}": v for k, v in torch_runs.items()}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
 _CALIBRATION_CHILD = r"""
 import json, sys, time
 import jax, numpy as np
@@ -186,13 +175,9 @@ def calibration_ms_per_step(nsamples: int, seqlen: int, epochs: int) -> dict[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = Path(os.environ.get("APIQ_SHARED", DEFAULT_SHARED))
-    parser.add_argument("--stories", type=Path, default=shared / "models" / "stories260K",
-                        help="stories260K HF directory (rows skipped when absent)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=5, help="timed rounds after the warm-up (medians)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocab of the 4x512 model")
+    add_model_arguments(parser, reps=5, reps_help="timed rounds after the warm-up (medians)",
+                        stories_help="stories260K HF directory (rows skipped when absent)",
+                        vocab_help="vocab of the 4x512 model")
     parser.add_argument("--calib-samples", type=int, default=32, help="ApiQ-bw samples of 256 tokens")
     parser.add_argument("--calib-epochs", type=int, default=2)
     parser.add_argument("--skip-calibration", action="store_true")
@@ -213,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
             vocab = load_pretrained(path, dtype="float32").config.vocab_size
             ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seqlen)).astype(np.int32)
             print(f"# {name}: compiling and warming up", flush=True)
-            times = alternate(jax_steps(path, ids, args.batch), torch_steps(path, ids), args.reps)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            jax_runs, torch_runs = jax_steps(path, ids, args.batch), torch_steps(path, ids)
+            runs = {f"jax {k}": v for k, v in jax_runs.items()} | {f"torch {k}": v for k, v in torch_runs.items()}
+            med = interleaved_medians(runs, args.reps)  # the two frameworks alternating
             table.append((name, med))
             print(f"# {name}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in med.items()), flush=True)
 

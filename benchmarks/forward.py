@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ import numpy as np
 
 from apiq_jax.models import ModelConfig, forward, init_params, load_pretrained, save_pretrained
 
-DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import add_model_arguments  # noqa: E402
+
 forward_jit = jax.jit(forward, static_argnames="config")
 
 
@@ -66,13 +70,9 @@ def bench_dir(path: Path, dtype: str, ids: np.ndarray, reps: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = Path(os.environ.get("APIQ_SHARED", DEFAULT_SHARED))
-    parser.add_argument("--stories", type=Path, default=shared / "models" / "stories260K",
-                        help="stories260K HF directory (row skipped when absent)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocab of the random Llama")
+    add_model_arguments(parser, reps=3, reps_help="timed repetitions (best is reported)",
+                        stories_help="stories260K HF directory (row skipped when absent)",
+                        vocab_help="vocab of the random Llama")
     args = parser.parse_args(argv)
 
     import torch

@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,6 +43,10 @@ from apiq_jax.memory_plan import abstract_quantized_model, finetune_step_memory
 from apiq_jax.models import ModelConfig, init_params, quantize_model
 from apiq_jax.models.llama import cast_params, stack_layers
 from apiq_jax.quant import QuantConfig
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import interleaved_medians  # noqa: E402
 
 GB = 1e9
 #: the figures of issue 9 (finetuning part)
@@ -159,13 +164,7 @@ def _time_small(config: ModelConfig, batch: int, seqlen: int, reps: int) -> dict
 
         run()  # compile
         runs[name] = run
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return {name: 1e3 * sec for name, sec in interleaved_medians(runs, reps).items()}
 
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
