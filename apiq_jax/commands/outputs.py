@@ -1,4 +1,4 @@
-"""The ``--out`` directory of a command that writes one (``quantize``, ``finetune``): checked, locked, marked.
+"""The ``--out`` directory of a command that writes one (quantize, finetune, export, import): checked, locked, marked.
 
 What a user must never meet is lost or half-written work. So, before anything is written:
 
@@ -124,12 +124,13 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_paths(out: Path, model_dir: Path) -> None:
-    """Refuse an ``--out`` that is, lies inside, or holds ``--model`` (nothing is read or written).
+def check_paths(out: Path, model_dir: Path, name: str = "--model") -> None:
+    """Refuse an ``--out`` that is, lies inside, or holds an input directory (nothing is read or written).
 
     Args:
         out: the --out directory.
-        model_dir: the --model directory.
+        model_dir: the input directory (``--model``, or import's SRC / ``--adapter``).
+        name: how the message names the input directory.
 
     Returns:
         None.
@@ -137,18 +138,36 @@ def check_paths(out: Path, model_dir: Path) -> None:
     Raises:
         ValueError: the two overlap, or ``out`` exists and is not a directory.
     """
-    o, m = out.resolve(), model_dir.resolve()
-    if o == m:
-        raise ValueError(f"--out {out} is the --model directory; give a new directory (the model is kept)")
-    if _is_within(o, m):
-        raise ValueError(f"--out {out} is inside the --model directory {model_dir}; give a directory outside it")
-    if _is_within(m, o):
-        raise ValueError(f"--out {out} holds the --model directory {model_dir}; give a directory that does not")
+    check_overlap(out, model_dir, name)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    parent = next((p for p in [o, *o.parents] if p.exists()), None)
+    parent = next((p for p in [out.resolve(), *out.resolve().parents] if p.exists()), None)
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {parent} is not writable")
+
+
+def check_overlap(out: Path, src: Path, name: str = "--model") -> None:
+    """Refuse an ``--out`` that is, lies inside, or holds the input directory ``src``.
+
+    Args:
+        out: the --out directory.
+        src: an input directory of the command.
+        name: how the message names ``src`` (``--model``, ``SRC``, ``--adapter``).
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: the two overlap.
+    """
+    o, m = out.resolve(), src.resolve()
+    kept = "the model" if name == "--model" else name
+    if o == m:
+        raise ValueError(f"--out {out} is the {name} directory; give a new directory ({kept} is kept)")
+    if _is_within(o, m):
+        raise ValueError(f"--out {out} is inside the {name} directory {src}; give a directory outside it")
+    if _is_within(m, o):
+        raise ValueError(f"--out {out} holds the {name} directory {src}; give a directory that does not")
 
 
 class OutputDir:

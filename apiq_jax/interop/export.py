@@ -17,6 +17,7 @@ Three formats, each a directory with the tokenizer files copied over:
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from apiq_jax.lora import merge_lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.hf_io import (
     CONFIG_FILE,
+    INDEX_FILE,
     SINGLE_FILE,
     copy_tokenizer_files,
     hf_name,
@@ -48,11 +50,22 @@ ADAPTER_SUBDIR = "apiq_init"
 APIQ_KEY = "apiq_jax"
 
 
-def _check_out(out: Path, src: Path) -> None:
+def _check_out(out: Path, src: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the model directory itself; choose a new directory")
-    if out.exists() and any(out.iterdir()):
+    if not overwrite and out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new or empty directory")
+
+
+def _remove_stale(out: Path, wrote_adapter: bool) -> None:
+    """Remove what an earlier content of ``out`` holds that loaders would take for part of this export.
+
+    A weights index (loaders read the shards it names instead of ``model.safetensors``) and,
+    when this export wrote no adapter, an ``apiq_init`` adapter (it would be applied on top).
+    """
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    if not wrote_adapter and (out / ADAPTER_SUBDIR).is_dir():
+        shutil.rmtree(out / ADAPTER_SUBDIR)
 
 
 def export_model(
@@ -62,23 +75,29 @@ def export_model(
     *,
     dtype: Any = None,
     checkpoint_format: str = "gptq",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export the quantized model directory ``model_dir`` to ``out_dir`` in format ``fmt``.
 
     Args:
       model_dir: a directory written by :func:`~apiq_jax.models.save_quantized`.
-      out_dir: the new directory (must not exist or be empty).
+      out_dir: the new directory (must not exist or be empty, unless ``overwrite``).
       fmt: one of :data:`FORMATS`.
       dtype: dtype of the dense tensors written ("float32", "bfloat16", "float16"; None:
         the model's own).
       checkpoint_format: for "gptq": "gptq" (v1, zero points minus one) or "gptq_v2".
+      overwrite: write into a non-empty ``out_dir`` (``apiq-jax export`` has claimed and
+        checked it, see :class:`~apiq_jax.commands.outputs.OutputDir`): files of the same
+        names are replaced; once the weights are written, a ``model.safetensors.index.json``
+        left there and, when this export writes no adapter, an ``apiq_init`` adapter are
+        removed, so no stale weights are read with the new ones.
 
     Returns:
       A summary ``{"format", "out", "adapter", "quantized_linears"}``.
 
     Raises:
-      ValueError: an unknown format or dtype, a non-empty ``out_dir``, and for "gptq" a
-        linear the GPTQ layout cannot hold exactly (named).
+      ValueError: an unknown format or dtype, a non-empty ``out_dir`` (without
+        ``overwrite``), and for "gptq" a linear the GPTQ layout cannot hold exactly (named).
       FileNotFoundError: ``model_dir`` is not a saved quantized model.
     """
     if fmt not in FORMATS:
@@ -87,7 +106,7 @@ def export_model(
         raise ValueError(f"checkpoint format {checkpoint_format!r} is not supported; accepted: {CHECKPOINT_FORMATS}")
     dt = None if dtype is None else resolve_dtype(dtype)
     src, out = Path(model_dir), Path(out_dir)
-    _check_out(out, src)
+    _check_out(out, src, overwrite)
     frozen, lora, config, _ = load_quantized(src)
     names = [k for k, v in flatten_params(frozen).items() if isinstance(v, QuantizedTensor)]
     adapter = None
@@ -99,6 +118,8 @@ def export_model(
     else:
         write_gptq(out, frozen, config, dtype=dt, checkpoint_format=checkpoint_format)
         copy_tokenizer_files(src, out)
+    if overwrite:
+        _remove_stale(out, wrote_adapter=fmt != "merged" and lora is not None)
     if fmt != "merged" and lora is not None:
         adapter = save_adapter(out / ADAPTER_SUBDIR, lora)
     return {"format": fmt, "out": str(out), "adapter": None if adapter is None else str(adapter),

@@ -7,12 +7,17 @@
   (2^(b-1) - 1)`` for "sym"), else the smallest float16 scale that reproduces every value
   exactly; the "asym" zero point puts the smallest value on code 0. The dequantized
   weight is reproduced bit for bit.
-* :func:`import_apiq` / :func:`import_gptq`: whole directories to :func:`save_quantized`.
+* :func:`import_apiq` / :func:`import_gptq`: whole directories to :func:`save_quantized`;
+  a GPTQ checkpoint may be sharded (``model.safetensors.index.json``) and hold float16,
+  bfloat16 or float32 scales and non-quantized tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ from apiq_jax.interop.gptq_format import from_gptq
 from apiq_jax.interop.peft_io import ADAPTER_CONFIG, load_adapter
 from apiq_jax.lora import LINEARS, Lora, LoraConfig, init_lora
 from apiq_jax.models.config import ModelConfig
-from apiq_jax.models.hf_io import CONFIG_FILE, hf_name, load_config, load_params, read_json
+from apiq_jax.models.hf_io import CONFIG_FILE, INDEX_FILE, all_finite, hf_name, load_config, load_params, read_json
 from apiq_jax.models.llama import flatten_params, param_shapes, unflatten_params
 from apiq_jax.models.quantized_io import save_quantized
 from apiq_jax.quant import QuantConfig, QuantizedTensor
@@ -166,11 +171,143 @@ def import_apiq(
         isinstance(v, QuantizedTensor) for v in flat.values()), "lora_rank": lora.config.rank}
 
 
+#: safetensors dtypes of GPTQ ``scales`` that are read (the stored values are kept exactly)
+_SCALE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+#: safetensors dtypes of the non-quantized tensors (embeddings, norms, lm_head), read as float32
+_DENSE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: safetensors dtypes of the packed ``qweight``/``qzeros`` (the bit layout is of 32-bit words) and of ``g_idx``
+_PACKED_DTYPES = frozenset({"I32"})
+_GIDX_DTYPES = frozenset({"I32", "I64"})
+
+
+class _Tensors:
+    """The tensors of a safetensors checkpoint directory, read one at a time by key (a context manager).
+
+    Which file holds a key comes from ``model.safetensors.index.json``'s ``weight_map`` (a
+    sharded checkpoint, as Hugging Face writes it: every shard it names must be there), else
+    from the headers of every ``*.safetensors`` file in the directory.
+    """
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        self.index: Path | None = None
+        self._stack = contextlib.ExitStack()
+        self._files: dict[Path, tuple[Any, set[str]]] = {}
+        index = src / INDEX_FILE
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file); not a safetensors "
+                                 "index")
+            for fname in dict.fromkeys(weight_map.values()):
+                if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", ".."):
+                    raise ValueError(f"{index}: shard {fname!r} is not a file name inside {src}; paths are not "
+                                     "followed")
+            missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
+            if missing:
+                raise FileNotFoundError(
+                    f"{index} names {len(missing)} shard(s) missing from {src}: {', '.join(missing[:4])}"
+                    f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete (copy or download every shard)"
+                )
+            self.index = index
+            self.where = {k: src / f for k, f in weight_map.items()}
+            return
+        files = sorted(src.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in {src} (and no {INDEX_FILE})")
+        self.where = {}
+        try:
+            for f in files:
+                for key in sorted(self._open(f)[1]):
+                    if key in self.where:
+                        raise ValueError(f"{src}: tensor {key!r} is in both {self.where[key].name} and {f.name}; "
+                                         f"give one checkpoint (or a {INDEX_FILE} saying which file holds what)")
+                    self.where[key] = f
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> "_Tensors":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _open(self, path: Path) -> tuple[Any, set[str]]:
+        """The open handle of ``path`` and the keys it holds."""
+        from safetensors import safe_open
+
+        if path not in self._files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"cannot read {path} as safetensors: {e}") from e
+            self._files[path] = (handle, set(handle.keys()))
+        return self._files[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype code of ``key`` ("F16", "BF16", "I32", ...), from the header."""
+        path = self.where[key]
+        handle, keys = self._open(path)
+        if key not in keys:
+            raise ValueError(f"{path} does not hold tensor {key!r} (the index {self.index} says it should)")
+        return str(handle.get_slice(key).get_dtype())
+
+    def get(self, key: str, accepted: Collection[str], what: str) -> np.ndarray:
+        """Tensor ``key`` as stored, after checking that its dtype is ``accepted`` and a float one is finite."""
+        stored = self.dtype(key)
+        path = self.where[key]
+        if stored not in accepted:
+            raise ValueError(f"{path}: {what} {key!r} is stored as {stored}; accepted: {', '.join(sorted(accepted))}")
+        try:
+            arr = self._open(path)[0].get_tensor(key)  # bfloat16 through ml_dtypes (imported with jax)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read tensor {key!r} from {path}: {e}") from e
+        if stored in _DENSE_DTYPES and not all_finite(arr):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or inf values; the checkpoint is damaged "
+                             "(re-download or re-convert it)")
+        return arr
+
+
+def _fits_float16(scales: np.ndarray) -> bool:
+    """Whether every value converts to float16 and back unchanged."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(scales.astype(np.float16).astype(np.float32), scales.astype(np.float32)))
+
+
+def _gptq_linear(arrays: dict[str, np.ndarray], bits: int, group_size: int, fmt: str, name: str, scheme: str,
+                 scale_dtype: str) -> QuantizedTensor:
+    """:func:`~apiq_jax.interop.gptq_format.from_gptq` with the scales kept in ``scale_dtype``."""
+    scales = arrays.get("scales")
+    if scales is None:
+        return from_gptq(arrays, bits, group_size, fmt, name, scheme=scheme)  # names what is missing
+    if scale_dtype == "float16":
+        return from_gptq({**arrays, "scales": scales.astype(np.float16)}, bits, group_size, fmt, name, scheme=scheme)
+    # from_gptq stores float16 scales: give it placeholders of the same shape, then the exact scales
+    qt = from_gptq({**arrays, "scales": np.ones(scales.shape, np.float16)}, bits, group_size, fmt, name,
+                   scheme=scheme)
+    cfg = dataclasses.replace(qt.config, scale_dtype=scale_dtype)
+    return dataclasses.replace(qt, scales=np.asarray(scales).T.astype(cfg.jnp_scale_dtype), config=cfg)
+
+
 def import_gptq(
     src: str | os.PathLike, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
     lora_config: LoraConfig | None = None, seed: int = 0,
 ) -> dict[str, Any]:
     """A Hugging Face GPTQ checkpoint (``desc_act: false``, v1 or v2 zeros) -> a quantized directory.
+
+    The checkpoint is one ``model.safetensors`` (or any ``*.safetensors`` files without
+    duplicate tensors) or shards listed by ``model.safetensors.index.json`` (its
+    ``weight_map`` says which file holds each tensor; files it does not name are not read).
+    ``scales`` may be float16, bfloat16 or float32: they are stored as float16 when every
+    scale of the checkpoint converts to float16 exactly (then the model exports back to
+    GPTQ), else in their own dtype (``scale_dtype`` bfloat16, or float32 for float32 or
+    mixed scales), so the imported weights are always the checkpoint's exactly. The
+    non-quantized tensors (embeddings, norms, ``lm_head``) are read as float32, which
+    holds float16, bfloat16 and float32 values exactly.
 
     Args:
       src: the GPTQ directory (``config.json`` with ``quantization_config``, safetensors).
@@ -181,15 +318,16 @@ def import_gptq(
       seed: seeds that fresh LoRA.
 
     Returns:
-      A summary ``{"source", "out", "quantized_linears", "lora_rank", "checkpoint_format"}``.
+      A summary ``{"source", "out", "quantized_linears", "lora_rank", "checkpoint_format",
+      "scale_dtype", "files"}``.
 
     Raises:
-      FileNotFoundError: missing files.
+      FileNotFoundError: missing files, or a shard the index names (all of them listed).
       ValueError: not a GPTQ checkpoint, act-order, an unsupported bit width or format,
-        tensors that do not match the config (named).
+        tensors that do not match the config or are stored in a dtype not accepted, NaN or
+        inf values, an index that names a file outside ``src`` or a shard without the
+        tensor it should hold (each naming the file and tensor).
     """
-    from safetensors import safe_open
-
     src = Path(src)
     raw = read_json(src / CONFIG_FILE)
     qc = raw.get("quantization_config")
@@ -202,41 +340,60 @@ def import_gptq(
     bits, group_size = int(qc.get("bits", 0)), int(qc.get("group_size", -1))
     scheme = (qc.get(APIQ_KEY) or {}).get("scheme", "asym")
     config: ModelConfig = load_config(src)
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {src}")
-    tensors: dict[str, np.ndarray] = {}
-    for f in files:
-        with safe_open(str(f), framework="numpy") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    flat: dict[str, Any] = {}
-    shapes = param_shapes(config)
-    for name, shape in shapes.items():
-        key = hf_name(name)
-        base = key[: -len(".weight")]
-        if key in tensors:
-            arr = tensors[key]
-            if tuple(arr.shape) != tuple(shape):
-                raise ValueError(f"{key}: shape {tuple(arr.shape)}, the config needs {tuple(shape)}")
-            flat[name] = np.asarray(arr, np.float32)
-        elif f"{base}.qweight" in tensors:
-            arrays = {t: tensors[f"{base}.{t}"] for t in ("qweight", "qzeros", "scales", "g_idx")
-                      if f"{base}.{t}" in tensors}
-            qt = from_gptq(arrays, bits, group_size, fmt, key, scheme=scheme)
-            if tuple(qt.shape) != tuple(shape):
-                raise ValueError(f"{base}: GPTQ tensors hold {tuple(qt.shape)}, the config needs {tuple(shape)}")
-            flat[name] = qt
-        else:
-            raise ValueError(f"{src}: tensor {key} (or its GPTQ form {base}.qweight) is missing")
+    with _Tensors(src) as tensors:
+        flat, linears, scale_dtype = _read_gptq(tensors, src, config, bits, group_size, fmt, scheme)
+        files = len(set(tensors.where.values()))
     frozen = unflatten_params(flat)
     adir = _adapter_dir(src, adapter)
     targets = tuple(n for n in LINEARS if isinstance(frozen["layers"][0].get(n), QuantizedTensor))
     lora = _lora_for(frozen, adir, lora_config or LoraConfig(targets=targets), seed)
-    save_quantized(out, frozen, lora, config, {"imported_from": "gptq", "checkpoint_format": fmt},
+    save_quantized(out, frozen, lora, config,
+                   {"imported_from": "gptq", "checkpoint_format": fmt, "scale_dtype": scale_dtype},
                    tokenizer_source=src)
     return {"source": "gptq", "out": str(out), "checkpoint_format": fmt, "lora_rank": lora.config.rank,
-            "quantized_linears": sum(isinstance(v, QuantizedTensor) for v in flat.values())}
+            "quantized_linears": linears, "scale_dtype": scale_dtype, "files": files}
+
+
+def _read_gptq(tensors: _Tensors, src: Path, config: ModelConfig, bits: int, group_size: int, fmt: str,
+               scheme: str) -> tuple[dict[str, Any], int, str]:
+    """The flat params of a GPTQ checkpoint, the number of quantized linears and the scale dtype kept."""
+    shapes = param_shapes(config)
+    dense: dict[str, str] = {}  # our name -> HF key of the dense tensors
+    linears: dict[str, str] = {}  # our name -> HF key prefix of the GPTQ linears
+    for name in shapes:
+        key = hf_name(name)
+        base = key[: -len(".weight")]
+        if key in tensors:
+            dense[name] = key
+        elif f"{base}.qweight" in tensors:
+            linears[name] = base
+        else:
+            raise ValueError(f"{src}: tensor {key} (or its GPTQ form {base}.qweight) is missing")
+    scales = {name: tensors.get(f"{base}.scales", set(_SCALE_DTYPES), "GPTQ scales")
+              for name, base in linears.items() if f"{base}.scales" in tensors}
+    stored = {tensors.dtype(f"{base}.scales") for name, base in linears.items() if name in scales}
+    if stored <= {"F16"} or all(_fits_float16(v) for v in scales.values()):
+        scale_dtype = "float16"
+    else:
+        scale_dtype = _SCALE_DTYPES[stored.pop()] if len(stored) == 1 else "float32"
+    flat: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        if name in dense:
+            arr = tensors.get(dense[name], _DENSE_DTYPES, "non-quantized tensor")
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"{dense[name]}: shape {tuple(arr.shape)}, the config needs {tuple(shape)}")
+            flat[name] = np.asarray(arr, np.float32)
+            continue
+        base = linears[name]
+        arrays = {t: tensors.get(f"{base}.{t}", _GIDX_DTYPES if t == "g_idx" else _PACKED_DTYPES, f"GPTQ {t}")
+                  for t in ("qweight", "qzeros", "g_idx") if f"{base}.{t}" in tensors}
+        if name in scales:
+            arrays["scales"] = scales[name]
+        qt = _gptq_linear(arrays, bits, group_size, fmt, hf_name(name), scheme, scale_dtype)
+        if tuple(qt.shape) != tuple(shape):
+            raise ValueError(f"{base}: GPTQ tensors hold {tuple(qt.shape)}, the config needs {tuple(shape)}")
+        flat[name] = qt
+    return flat, len(linears), scale_dtype
 
 
 __all__ = ["SOURCES", "import_apiq", "import_gptq", "recover_quantized"]

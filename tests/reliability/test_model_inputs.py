@@ -131,3 +131,18 @@ def test_shard_path_outside_the_model_directory_is_not_followed(capsys, hf_copy,
     (hf_copy / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: "../outside.safetensors" for k in keys}}))
     _quantize_fails(capsys, hf_copy, tmp_path / "out", files["calib"], "is not a file name inside")
+
+
+def test_gptq_index_naming_a_missing_shard_is_refused_by_import(capsys, tiny_q, tmp_path):
+    """A sharded GPTQ checkpoint copied without one of its shards (an interrupted download)."""
+    from tests.interop.helpers import shard_gptq_dir
+
+    assert run_cli(capsys, "export", "--model", tiny_q, "--format", "gptq", "--out", tmp_path / "g")[0] == 0
+    src, names = shard_gptq_dir(tmp_path / "g", tmp_path / "s")
+    (src / names[2]).unlink()
+    before = snapshot(src)
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "import", "--from", "gptq", src, "--out", out)
+    assert_user_error(code, err, f"names 1 shard(s) missing from {src}: {names[2]}; the checkpoint is incomplete",
+                      "import")
+    assert not out.exists() and snapshot(src) == before

@@ -201,3 +201,30 @@ def test_a_user_error_leaves_an_existing_directory_as_it_was(capsys, tiny_q, tmp
     code, _, err = run_cli(capsys, *finetune_args(tiny_q, out, tmp_path / "short.npy", "--seqlen", "16"))
     assert_user_error(code, err, "only 10 tokens, fewer than one window of seqlen 16", "finetune")
     assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_export_and_import_claim_out_as_quantize_does(capsys, tiny_q, tmp_path, files):
+    """The interop commands' --out: refused when finished, foreign or overlapping; an unfinished import is refused."""
+    g = tmp_path / "g"
+    export = ["export", "--model", tiny_q, "--format", "gptq", "--out", g]
+    assert run_cli(capsys, *export)[0] == 0
+    assert read_marker(g)["command"] == "export" and read_marker(g)["state"] == COMPLETE
+    before = snapshot(g)
+    code, _, err = run_cli(capsys, *export)
+    assert_user_error(code, err, f"--out {g} already holds a finished model of `apiq-jax export`; pass --overwrite",
+                      "export")
+    assert snapshot(g) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my thesis")
+    code, _, err = run_cli(capsys, "import", "--from", "gptq", g, "--out", mine)
+    assert_user_error(code, err, f"--out {mine} is a non-empty directory that is not an apiq-jax output", "import")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    code, _, err = run_cli(capsys, "import", "--from", "gptq", g, "--out", g)
+    assert_user_error(code, err, f"--out {g} is the SRC directory", "import")
+    assert snapshot(g) == before
+    q = tmp_path / "q"
+    assert run_cli(capsys, "import", "--from", "gptq", g, "--out", q)[0] == 0
+    (q / RUN_FILE).write_text(__import__("json").dumps({**read_marker(q), "state": RUNNING}))  # as if killed
+    code, _, err = run_cli(capsys, "eval", "--model", q, "--data", files["calib"], "--quiet")
+    assert_user_error(code, err, f"--model {q} is the unfinished output of `apiq-jax import`", "eval")
