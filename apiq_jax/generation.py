@@ -10,6 +10,11 @@ row's RoPE positions count only its real tokens (``cumsum(mask) - 1``) and paddi
 never attended to. Sampling: ``temperature=0`` is greedy (argmax); otherwise the logits are
 divided by the temperature, cut to the ``top_k`` largest and to the smallest set whose
 probability reaches ``top_p``, and sampled with a key drawn from ``seed``.
+
+With ``mesh=`` (:func:`apiq_jax.sharding.make_mesh`) the prompts and the KV cache are split
+over the ``data`` axis by rows (the batch padded with copies of the last prompt to a multiple
+of it, the copies dropped), the params and LoRA placed by :func:`apiq_jax.sharding.place`;
+each process reads every step's tokens gathered (:func:`apiq_jax.sharding.to_host`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+import apiq_jax.sharding as sharding
 from apiq_jax.lora import Lora
 from apiq_jax.models.config import ModelConfig
 from apiq_jax.models.llama import (
@@ -88,6 +95,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[n
         ids[i, n - len(p):] = np.asarray(p, np.int32)
         mask[i, n - len(p):] = 1
     return ids, mask
+
+
+def _pad_rows(ids: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows appended (copies of the last) until their count is a multiple of ``multiple``."""
+    extra = -ids.shape[0] % multiple
+    if not extra:
+        return ids, mask
+    return (np.concatenate([ids, np.repeat(ids[-1:], extra, axis=0)]),
+            np.concatenate([mask, np.repeat(mask[-1:], extra, axis=0)]))
 
 
 def _layer_lora(lora: Lora | None, i: int) -> Lora | None:
@@ -173,12 +189,17 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend", "cache_len", "greedy"))
-def _prefill(params, lora, ids, mask, key, temperature, top_k, top_p, *, config, backend, cache_len, greedy):
+@functools.partial(jax.jit, static_argnames=("config", "backend", "cache_len", "greedy", "rows"))
+def _prefill(params, lora, ids, mask, key, temperature, top_k, top_p, *, config, backend, cache_len, greedy, rows):
     b, s = ids.shape
     dtype = embed(params, ids[:, :1], config).dtype
     shape = (b, cache_len, config.num_key_value_heads, config.head_dim)
-    cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in params["layers"]]
+
+    def zeros() -> jnp.ndarray:  # split by rows like the prompts when ``rows`` (a NamedSharding) is given
+        z = jnp.zeros(shape, dtype)
+        return z if rows is None else jax.lax.with_sharding_constraint(z, rows)
+
+    cache = [(zeros(), zeros()) for _ in params["layers"]]
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
     key_mask = jnp.concatenate([mask, jnp.ones((b, cache_len - s), mask.dtype)], axis=-1)
     logits, cache = _run_cached(params, lora, ids, positions, cache, 0, key_mask, config, backend)
@@ -222,6 +243,7 @@ def generate(
     backend: str | None = None,
     callback: Callable[[np.ndarray], None] | None = None,
     return_logits: bool = False,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after each prompt (a batch, left-padded).
 
@@ -242,6 +264,8 @@ def generate(
       callback: called with the ``[b]`` int32 tokens of every step as soon as they exist
         (for streaming).
       return_logits: also return the float32 logits of every step.
+      mesh: generate sharded on this mesh: rows (prompts, KV cache) over its ``data`` axis,
+        params and LoRA by :func:`apiq_jax.sharding.place`; None: one device.
 
     Returns:
       A :class:`GenerationResult`.
@@ -266,6 +290,14 @@ def generate(
     if lora is not None and lora.is_stacked:
         lora = lora.unstack_layers()
     backend = backend or default_backend()
+    n_rows, rows = ids.shape[0], None
+    if mesh is not None:
+        ids, mask = _pad_rows(ids, mask, mesh.shape["data"])
+        params, lora = sharding.place(params, mesh), (None if lora is None else sharding.place(lora, mesh))
+        rows = NamedSharding(mesh, sharding.batch_spec(mesh, ids.shape[0]))
+        put = functools.partial(sharding.place_batch, mesh=mesh)
+    else:
+        put = jnp.asarray
     greedy = temperature == 0
     temp = jnp.float32(temperature if not greedy else 1.0)
     tp, tk = jnp.float32(top_p), jnp.int32(top_k)
@@ -273,35 +305,35 @@ def generate(
     b = ids.shape[0]
     static = dict(config=config, backend=backend, greedy=greedy)
     t0 = time.perf_counter()
-    token, logits, cache, key_mask = _prefill(params, lora, jnp.asarray(ids), jnp.asarray(mask), keys[0], temp, tk, tp,
-                                              cache_len=total, **static)
+    token, logits, cache, key_mask = _prefill(params, lora, put(ids), put(mask), keys[0], temp, tk, tp,
+                                              cache_len=total, rows=rows, **static)
     out_tokens, out_logits = [], []
     done = np.zeros(b, bool)
     positions = mask.sum(axis=1).astype(np.int32)  # RoPE position of the next token of each row
     prefill_seconds = decode_seconds = 0.0
     for step in range(max_new_tokens):
-        tok = np.asarray(token)
+        tok = sharding.to_host(token)  # every row, on every process
         if step == 0:
             prefill_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
         tok = np.where(done, pad_token_id, tok).astype(np.int32)
         out_tokens.append(tok)
         if return_logits:
-            out_logits.append(np.asarray(logits))
+            out_logits.append(sharding.to_host(logits)[:n_rows])
         if callback is not None:
-            callback(tok)
+            callback(tok[:n_rows])
         if eos_token_id is not None:
             done |= np.isin(tok, np.atleast_1d(np.asarray(eos_token_id)))
         if step == max_new_tokens - 1 or done.all():
             break
         token, logits, cache = _decode_step(
-            params, lora, jnp.asarray(tok), jnp.asarray(positions), jnp.int32(ids.shape[1] + step), cache, key_mask,
+            params, lora, put(tok), put(positions), jnp.int32(ids.shape[1] + step), cache, key_mask,
             keys[step + 1], temp, tk, tp, **static)
         positions = positions + 1
     if len(out_tokens) > 1:
         decode_seconds = time.perf_counter() - t0
     return GenerationResult(
-        tokens=np.stack(out_tokens, axis=1),
+        tokens=np.stack(out_tokens, axis=1)[:n_rows],
         logits=np.stack(out_logits, axis=1) if return_logits else None,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,

@@ -2,6 +2,7 @@
 
     apiq-jax generate --model DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype D] [--backend B]
+        [--mesh data=D,fsdp=F] [--coordinator HOST:PORT --num-processes N --process-id I]
 
 One prompt: its new text is printed to stdout as the tokens come. Several prompts run as
 one left-padded batch and each completion is printed when the batch is done, after a
@@ -16,7 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from apiq_jax.commands.common import add_backend_argument, compute_backend, print_json
+from apiq_jax.commands.common import (
+    add_backend_argument,
+    add_mesh_arguments,
+    command_mesh,
+    compute_backend,
+    print_json,
+)
 from apiq_jax.commands.eval import load_eval_model
 from apiq_jax.models.hf_io import DTYPES
 
@@ -28,11 +35,13 @@ compiled decode step; quantized weights go through the low-bit matmul).
 
   apiq-jax generate --model DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
       [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype D] [--backend B]
+      [--mesh data=D,fsdp=F]
 
 --model is an HF model directory or one written by `apiq-jax quantize`/`finetune` (its
 LoRA is applied). --temperature 0 (the default) is greedy decoding. One prompt streams
 its text to stdout as it is generated; several run as one left-padded batch and are
-printed when done. The last stdout line is a JSON summary.
+printed when done. The last stdout line is a JSON summary. With several devices the
+prompts are split over the mesh's data axis (docs/scaling.md).
 """
 #: new tokens per prompt when --max-new-tokens is not given
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -59,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute dtype (default: the model's own)")
     add_backend_argument(p)
+    add_mesh_arguments(p)
 
 
 class _Streamer:
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from apiq_jax.data import load_tokenizer
     from apiq_jax.generation import generate
 
+    mesh = command_mesh(args)  # first: jax.distributed starts before any computation
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature < 0:
@@ -127,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = generate(prepare(m["params"]), m["lora"], prompts, m["config"], max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=sorted(eos) or None, pad_token_id=pad, backend=backend, callback=stream)
+                   eos_token_id=sorted(eos) or None, pad_token_id=pad, backend=backend, callback=stream,
+                   mesh=mesh)
     seconds = time.perf_counter() - t0
     completions, counts = [], []
     for row in res.tokens:
@@ -151,5 +163,6 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model_dir),
         "quantized": m["quantized"],
         "backend": backend,
+        "devices": 1 if mesh is None else mesh.size,
     })
     return 0

@@ -97,3 +97,25 @@ def test_quantize_mesh_equals_one_device(quantized, tmp_path, capsys):
     for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(ref.lora), strict=True):
         b = np.asarray(b)
         assert np.linalg.norm(np.asarray(a) - b) <= 1e-5 * max(np.linalg.norm(b), 1e-30)
+
+
+def test_generate_mesh_equals_one_device(quantized, capsys):
+    qdir, _ = quantized
+    prompts = ["Once upon a time", "def f(x):", "The"]   # 3 rows: padded to the 8-way data axis
+    args = ["generate", "--model", str(qdir), "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "4"]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert main([*args, "--mesh", "data=8"]) == 0
+    sharded = _last_json(capsys)
+    assert sharded["devices"] == 8
+    # the reference: the library call the command makes, on one device
+    from apiq_jax.data import load_tokenizer
+    from apiq_jax.generation import generate
+    from apiq_jax.models import load_quantized
+    frozen, lora, config, _ = load_quantized(qdir)
+    tok = load_tokenizer(qdir)
+    ref = generate(frozen, lora, [list(tok(p)["input_ids"]) for p in prompts], config, max_new_tokens=8,
+                   temperature=0.7, seed=4, eos_token_id=sorted({tok.eos_token_id} - {None}) or None,
+                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    assert sharded["completions"] == [tok.decode([int(t) for t in row], skip_special_tokens=True)
+                                      for row in ref.tokens]
