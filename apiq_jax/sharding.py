@@ -42,7 +42,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -230,7 +230,10 @@ def place(tree: Any, mesh: Mesh) -> Any:
 
 
 def _is_host(x: Any) -> bool:
-    return not isinstance(x, jax.Array)
+    """Not a jax.Array, or (several processes) one of this process only: placed from a host copy."""
+    if not isinstance(x, jax.Array):
+        return True
+    return jax.process_count() > 1 and x.is_fully_addressable
 
 
 def batch_spec(mesh: Mesh, rows: int) -> PartitionSpec:
@@ -304,17 +307,67 @@ def gather_layer(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
-def fsdp_mesh() -> Mesh | None:
-    """The mesh set by :func:`jax.set_mesh` when its ``"fsdp"`` axis is above 1, else None.
+def placement_mesh() -> Mesh | None:
+    """The mesh set by :func:`jax.set_mesh` when arrays must be placed on it explicitly, else None.
+
+    That is when its ``"fsdp"`` axis is above 1 (calibration splits a block's weights and
+    training state over it) or when it spans several processes (every array a program
+    reads must then be a global array).
 
     Returns:
-      The concrete mesh (calibration then splits a block's weights and training state over
-      ``"fsdp"``), or None.
+      The concrete mesh, or None.
     """
     mesh = jax.sharding.get_mesh()
-    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+    if mesh.empty or "fsdp" not in mesh.axis_names:
+        return None
+    if mesh.shape["fsdp"] == 1 and jax.process_count() == 1:
         return None
     return mesh
+
+
+def is_primary() -> bool:
+    """Whether this is process 0 (the one that writes files in a multi-process run).
+
+    Returns:
+      True in a single-process run.
+    """
+    return jax.process_index() == 0
+
+
+def on_primary(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on process 0 only; every process raises when it raised there.
+
+    Process 0 checks and writes what one process must (an output directory, a work
+    directory's files); the others wait for its verdict (one broadcast), so an error there
+    stops every process instead of leaving the others waiting. Single-process: ``fn()``.
+
+    Args:
+      fn: the work of process 0.
+      what: the work, for the others' message ("claim --out").
+
+    Returns:
+      ``fn()``'s result on process 0, None on the others.
+
+    Raises:
+      Exception: on process 0, what ``fn`` raised; on the others, ValueError saying process
+        0 could not do ``what``.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    if is_primary():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others were told
+            error = e
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"process 0 could not {what} (its message says why); this process stops too")
+    return result
 
 
 def to_host(tree: Any) -> Any:

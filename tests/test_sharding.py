@@ -108,3 +108,17 @@ def test_initialize_distributed_arguments():
         S.initialize_distributed("localhost:1234", 2, 2)
     with pytest.raises(ValueError, match="HOST:PORT"):
         S.initialize_distributed("localhost", 2, 0)
+
+
+def test_on_primary_in_one_process():
+    calls = []
+    assert S.is_primary()
+    assert S.on_primary(lambda: calls.append(1) or "done", "write") == "done" and calls == [1]
+    with pytest.raises(ValueError, match="boom"):   # process 0's own error reaches its caller
+        S.on_primary(lambda: (_ for _ in ()).throw(ValueError("boom")), "write")
+
+
+def test_placement_mesh_only_for_fsdp_or_processes():
+    assert S.placement_mesh() is None                              # no mesh set
+    with jax.set_mesh(S.make_mesh("data=1,fsdp=1")):
+        assert S.placement_mesh() is None                          # one process, nothing split over fsdp

@@ -139,7 +139,7 @@ class ApiQContext:
         dtype = jnp.dtype(layer["q_proj"].dtype).name
         dense = as_float32(layer)
         state = self.start_state(i, layer)
-        if (mesh := sharding.fsdp_mesh()) is not None:  # the training state split like the block (as_float32)
+        if (mesh := sharding.placement_mesh()) is not None:  # the training state split like the block (as_float32)
             state = sharding.place(state, mesh)
         if self.opts.lora_init != "default":  # LoftQ/CLoQ start: fitted to this block's W - Q0 (on x_q)
             state["lora"] = self.fitted_lora(i, dense, state, streams["x_q"], li)
@@ -293,7 +293,7 @@ def calibrate_apiq(
     report = CalibrationReport.build(method, quant_config, lora_config, ids.shape,
                                      blocks=[o.report for o in outputs], seconds=timer.elapsed(),
                                      options=opts.to_dict(), extra=extra)
-    if wd is not None:
+    if wd is not None and sharding.is_primary():
         report.save_json(wd.path / "report.json")
         report.save_plot(wd.path / "report.png")
     return _result(params, ctx, lora_config, outputs, report)

@@ -61,6 +61,9 @@ def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.n
     """
     x0 = _embed_jit(_embed_table(params), jnp.asarray(ids, jnp.int32), config)
     split = samples_sharding(x0.shape[0])
+    if jax.process_count() > 1 and (mesh := sharding.placement_mesh()) is not None:
+        # several processes: a global array, from the host copy every process holds alike
+        return jax.device_put(np.asarray(x0), split or NamedSharding(mesh, PartitionSpec()))
     return x0 if split is None else jax.device_put(x0, split)
 
 
@@ -224,7 +227,7 @@ def _stream_sums(targets, ys):
 
 
 def _ratio(sums: jnp.ndarray) -> float:
-    num, den = np.asarray(sums, np.float64)
+    num, den = np.asarray(sharding.to_host(sums), np.float64)  # split over processes: gathered
     return float(num.sum() / den.sum())
 
 
@@ -335,6 +338,8 @@ def as_float32(layer: Mapping[str, Any]) -> dict[str, Any]:
     Under :func:`jax.set_mesh` with an ``"fsdp"`` axis above 1 each array is split over it
     by the rules of :func:`apiq_jax.sharding.tree_specs` (FSDP of a block too big for one
     device): it is read and cast on the host and sent to its shards, never whole to one device.
+    A mesh spanning several processes gets global arrays the same way
+    (:func:`apiq_jax.sharding.placement_mesh`).
 
     Args:
       layer: a layer's dict of arrays (or lazily read tensors).
@@ -342,12 +347,15 @@ def as_float32(layer: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
       A new dict with float32 arrays.
     """
-    mesh = sharding.fsdp_mesh()
+    mesh = sharding.placement_mesh()
     if mesh is None:
         return {k: jnp.asarray(v, jnp.float32) for k, v in layer.items()}
     specs = sharding.tree_specs({k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in layer.items()},
                                 mesh.shape["fsdp"])
-    return {k: jax.device_put(np.asarray(v, np.float32), NamedSharding(mesh, specs[k])) for k, v in layer.items()}
+    # in sorted order: every process must place the same tensor at the same time (a layer's dict
+    # order may differ between processes)
+    placed = {k: jax.device_put(np.asarray(layer[k], np.float32), NamedSharding(mesh, specs[k])) for k in sorted(layer)}
+    return {k: placed[k] for k in layer}
 
 
 def float32_view(layer: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ Layout::
 
 A run killed at any point resumes after the last block whose streams were written, with a
 result bit-identical to an uninterrupted run; a state written without its streams (killed
-in between) is discarded and the block redone.
+in between) is discarded and the block redone. Of a multi-process run (one shared file
+system), process 0 alone writes the files; every process writes its shards of ``streams/``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import apiq_jax.sharding as sharding
 from apiq_jax.calibration.reports import BlockReport
 from apiq_jax.checkpoint import Checkpointer, restore_failure
 from apiq_jax.models.hf_io import LazyTensor, materialize
@@ -50,15 +52,22 @@ class WorkDir:
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
         self.path = Path(path).resolve()
+        self.finished_dir = self.path / "finished"
+        self.reports_file = self.path / "block_reports.json"
+        # of several processes (one shared file system), process 0 alone writes the files here;
+        # all of them write their shards of the streams' orbax checkpoints
+        sharding.on_primary(lambda: self._create(fingerprint), f"use the work directory {self.path}")
+        self.streams = Checkpointer(self.path / "streams", max_to_keep=1)
+        first = self.next_block()  # every process (orbax agrees on the steps across processes)
+        if sharding.is_primary():
+            for stale in self.finished_dir.glob("*.safetensors"):
+                if stale.stem.isdigit() and int(stale.stem) >= first:
+                    stale.unlink()  # a state saved by a run killed before its streams were
+
+    def _create(self, fingerprint: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self._check_fingerprint(fingerprint)
-        self.streams = Checkpointer(self.path / "streams", max_to_keep=1)
-        self.finished_dir = self.path / "finished"
         self.finished_dir.mkdir(exist_ok=True)
-        for stale in self.finished_dir.glob("*.safetensors"):
-            if stale.stem.isdigit() and int(stale.stem) >= self.next_block():
-                stale.unlink()  # a state saved by a run killed before its streams were
-        self.reports_file = self.path / "block_reports.json"
 
     def _check_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         fp_file = self.path / "fingerprint.json"
@@ -107,11 +116,15 @@ class WorkDir:
         Returns:
           None.
         """
-        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-        write_safetensors(self._finished_file(i), {jax.tree_util.keystr(k): v for k, v in leaves})  # atomic
-        reports = {k: v.to_dict() for k, v in self.reports().items() if k < i}
-        reports[i] = report.to_dict()
-        _atomic_write(self.reports_file, json.dumps({str(k): v for k, v in sorted(reports.items())}, indent=1))
+        leaves = jax.tree_util.tree_flatten_with_path(sharding.to_host(state))[0]  # split over processes: gathered
+
+        def write() -> None:
+            write_safetensors(self._finished_file(i), {jax.tree_util.keystr(k): v for k, v in leaves})  # atomic
+            reports = {k: v.to_dict() for k, v in self.reports().items() if k < i}
+            reports[i] = report.to_dict()
+            _atomic_write(self.reports_file, json.dumps({str(k): v for k, v in sorted(reports.items())}, indent=1))
+
+        sharding.on_primary(write, f"save block {i} in {self.path}")
         self.streams.save(i, streams)
 
     def restore_state(self, i: int, template: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import shutil
 import sys
@@ -128,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace a finished OUT, an interrupted run with other arguments, or write into a non-empty "
                         "directory (refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_mesh_arguments(p, processes=False)
+    add_mesh_arguments(p)
 
 
 # --- calibration data -------------------------------------------------------------------------
@@ -361,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
     """
     import jax
 
-    from apiq_jax.commands.outputs import OutputDir
+    from apiq_jax import sharding
+    from apiq_jax.commands.outputs import OutputDir, SecondaryOutput
     from apiq_jax.lora import LoraConfig
     from apiq_jax.models.hf_io import checkpoint_dtype, lazy_params, load_config, load_hf_config
     from apiq_jax.models.quantized_io import save_quantized
@@ -369,11 +371,15 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     return_freed_host_memory()  # one block at a time: what a finished block freed leaves the RSS
-    mesh = command_mesh(args)
+    mesh = command_mesh(args)  # first: jax.distributed starts before any computation
     scheme = check_args(args)
     model_dir, out_dir = _check_paths(args)
-    claim = OutputDir(out_dir, NAME, args, overwrite=args.overwrite, work_subdirs=(WORK_SUBDIR,))
-    claim.check()  # before reading anything big
+    # of a multi-process run (one shared file system), process 0 alone claims and writes --out and
+    # the work directory's files; every process computes, and writes its shards of the streams
+    primary = sharding.is_primary()
+    claim = (OutputDir(out_dir, NAME, args, overwrite=args.overwrite, work_subdirs=(WORK_SUBDIR,)) if primary
+             else SecondaryOutput())
+    sharding.on_primary(claim.check, f"claim --out {out_dir}")  # before reading anything big
     config = load_config(model_dir)
     params = lazy_params(model_dir, config, args.dtype)  # headers only: each block is read when calibrated
     dtype = args.dtype or checkpoint_dtype(load_hf_config(model_dir)).name
@@ -395,21 +401,30 @@ def run(args: argparse.Namespace) -> int:
             print(f"apiq-jax {NAME}: resuming from block {done + 1}/{n_layers} ({done} finished in {work_dir})",
                   file=sys.stderr, flush=True)
         claim.start_work()
-        opts = method_options(args.method, args.epochs, args.num_iter, not args.quiet, work_dir, args.cache_dtype,
+        opts = method_options(args.method, args.epochs, args.num_iter, primary and not args.quiet, work_dir,
+                              args.cache_dtype,
                               getattr(args, "lora_init", None), getattr(args, "offload_activations", False))
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # samples split over the mesh
             result = get_method(args.method).fn(params, config, ids, qcfg, lcfg, key=jax.random.PRNGKey(args.seed),
                                                 **opts)
+        if jax.process_count() > 1:  # arrays split over processes: gathered (every process takes part)
+            frozen = jax.tree.map(lambda x: sharding.to_host(x) if isinstance(x, jax.Array) else x, result.params)
+            result = dataclasses.replace(result, params=frozen)
         summary = summarize(args, scheme, ids, result)
         summary["dtype"] = dtype
-        save_quantized(
-            out_dir, result.params, result.lora, config,
-            metadata={**summary, "model": str(model_dir), "calib": str(args.calib), "report": result.report.to_dict()},
-            tokenizer_source=model_dir, max_shard_size=args.max_shard_size,
-        )
-        result.report.save_json(out_dir / "report.json")
-        result.report.save_plot(out_dir / "report.png")
-        shutil.rmtree(work_dir, ignore_errors=True)
+
+        def save() -> None:
+            save_quantized(
+                out_dir, result.params, result.lora, config,
+                metadata={**summary, "model": str(model_dir), "calib": str(args.calib),
+                          "report": result.report.to_dict()},
+                tokenizer_source=model_dir, max_shard_size=args.max_shard_size,
+            )
+            result.report.save_json(out_dir / "report.json")
+            result.report.save_plot(out_dir / "report.png")
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+        sharding.on_primary(save, f"write {out_dir}")
         claim.finish()
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     summary["out"] = str(out_dir)

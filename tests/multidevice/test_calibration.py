@@ -130,3 +130,11 @@ def test_gradient_free_passes_are_split_over_samples(inputs):
         rtn = rtn_init(params, CFG, ids, QCFG, LCFG, key=jax.random.key(1))
     for g, r in zip(rtn.report.blocks, rtn_ref.report.blocks, strict=True):
         np.testing.assert_allclose(g.error_after, r.error_after, rtol=1e-5)
+
+
+def test_placement_mesh_with_fsdp():
+    mesh = S.make_mesh("data=4,fsdp=2")
+    with jax.set_mesh(mesh):
+        assert S.placement_mesh() is mesh
+    with jax.set_mesh(S.make_mesh("data=8")):
+        assert S.placement_mesh() is None      # one process, data parallel only: arrays need no placing

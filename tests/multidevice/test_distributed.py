@@ -79,3 +79,37 @@ def test_finetune_command_in_two_processes(tmp_path):
     for got, want in zip(jax.tree.leaves(saved), jax.tree.leaves(ref), strict=True):
         want = np.asarray(want)
         assert np.linalg.norm(np.asarray(got) - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_quantize_command_in_two_processes(tmp_path):
+    """`apiq-jax quantize --method apiq-bw --mesh data=1,fsdp=8` over two processes (the samples and the
+    calibrated block's weights split across both): process 0 alone writes --out, and its LoRA, clip-driven
+    codes and errors are the one-process library run's."""
+    from apiq_jax.calibration import ApiQOptions, apiq_bw
+    from apiq_jax.demo_data import DEMO_MODEL_DIR
+    from apiq_jax.models import copy_tokenizer_files, load_quantized, save_pretrained
+    from apiq_jax.models.hf_io import load_params
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=64)
+    save_pretrained(init_params(cfg, jax.random.key(0)), tmp_path / "hf", cfg)
+    copy_tokenizer_files(DEMO_MODEL_DIR, tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 32)).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    logs = _run_two("cli", "quantize", "--model", str(tmp_path / "hf"), "--method", "apiq-bw", "--bits", "2",
+                    "--group-size", "32", "--rank", "4", "--epochs", "1", "--calib", str(tmp_path / "ids.npy"),
+                    "--out", str(tmp_path / "q"), "--quiet", "--mesh", "data=1,fsdp=8")
+    assert sum('"activation_errors"' in log for log in logs) == 2
+    assert not (tmp_path / "q" / "calibration_work").exists()
+    ref = apiq_bw(load_params(tmp_path / "hf", cfg), cfg, ids, QuantConfig(bits=2, group_size=32),
+                  LoraConfig(rank=4, alpha=16.0), key=jax.random.PRNGKey(0), options=ApiQOptions(epochs=1))
+    frozen, lora, _, meta = load_quantized(tmp_path / "q")
+    np.testing.assert_allclose([b["error_after"] for b in meta["report"]["blocks"]],
+                               [b.error_after for b in ref.report.blocks], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(lora), jax.tree.leaves(ref.lora), strict=True):
+        want = np.asarray(want)
+        assert np.linalg.norm(np.asarray(got) - want) <= 1e-5 * max(np.linalg.norm(want), 1e-30)
+    for g, r in zip(frozen["layers"], ref.params["layers"], strict=True):  # the same frozen words
+        for name in ("q_proj", "down_proj"):
+            np.testing.assert_array_equal(np.asarray(g[name].codes), np.asarray(r[name].codes))
