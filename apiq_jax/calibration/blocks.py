@@ -59,11 +59,15 @@ def embed_ids(params: Mapping[str, Any], ids: Any, config: ModelConfig) -> jnp.n
     Returns:
       ``[n, seqlen, D]`` in the embedding's dtype.
     """
-    x0 = _embed_jit(_embed_table(params), jnp.asarray(ids, jnp.int32), config)
-    split = samples_sharding(x0.shape[0])
+    table = _embed_table(params)
+    split = samples_sharding(len(ids))
     if jax.process_count() > 1 and (mesh := sharding.placement_mesh()) is not None:
-        # several processes: a global array, from the host copy every process holds alike
-        return jax.device_put(np.asarray(x0), split or NamedSharding(mesh, PartitionSpec()))
+        # several processes: a global array of which each process embeds only its own devices' samples
+        ids = np.asarray(ids, np.int32)
+        return jax.make_array_from_callback(
+            (*ids.shape, config.hidden_size), split or NamedSharding(mesh, PartitionSpec()),
+            lambda idx: np.asarray(_embed_jit(table, jnp.asarray(ids[idx[:2]]), config))[..., idx[2]])
+    x0 = _embed_jit(table, jnp.asarray(ids, jnp.int32), config)
     return x0 if split is None else jax.device_put(x0, split)
 
 
