@@ -182,12 +182,11 @@ def run(args: argparse.Namespace) -> int:
             :func:`~apiq_jax.data.training_windows` and
             :func:`~apiq_jax.commands.common.load_token_data`.
     """
-    import jax
 
     from apiq_jax.commands.outputs import OutputDir, SecondaryOutput, check_finished, check_paths
     from apiq_jax.evaluate import perplexity_ids
     from apiq_jax.models import is_quantized_dir, load_quantized, save_quantized
-    from apiq_jax.sharding import to_host
+    from apiq_jax.sharding import is_primary, to_host
     from apiq_jax.training import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
@@ -212,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                          weight_decay=args.weight_decay, warmup_steps=args.warmup, seed=args.seed,
                          save_every=args.save_every, dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum)
-    primary = jax.process_index() == 0  # of a multi-process run, process 0 alone claims and writes --out
+    primary = is_primary()  # of a multi-process run, process 0 alone claims and writes --out
     claim = OutputDir(out, NAME, args, overwrite=args.overwrite, work_subdirs=(CHECKPOINT_SUBDIR, DATA_CACHE_SUBDIR),
                       rerun_finished=True) if primary else SecondaryOutput()
     claim.check()  # before reading the model

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from apiq_jax.quant import QuantConfig, QuantizedTensor
@@ -175,7 +176,7 @@ def to_gptq(qt: QuantizedTensor, name: str, checkpoint_format: str = "gptq") -> 
 
 def from_gptq(
     arrays: dict[str, Any], bits: int, group_size: int, checkpoint_format: str, name: str, *,
-    scheme: str = "asym", dtype: str = "float32",
+    scheme: str = "asym", dtype: str = "float32", scale_dtype: str = "float16",
 ) -> QuantizedTensor:
     """A :class:`QuantizedTensor` from the GPTQ tensors of one linear.
 
@@ -188,9 +189,11 @@ def from_gptq(
       scheme: "asym" (zero points kept per group), or "sym" when every zero point is
         ApiQ's ``2^(b-1) - 1``.
       dtype: the dtype the weight dequantizes to.
+      scale_dtype: the dtype the scales are kept in ("float16" as GPTQ stores them;
+        "bfloat16"/"float32" keep scales stored that way exactly).
 
     Returns:
-      The QuantizedTensor (``[out, in]``, storage layout, float16 scales).
+      The QuantizedTensor (``[out, in]``, storage layout, scales in ``scale_dtype``).
 
     Raises:
       ValueError: missing tensors, inconsistent shapes, act-order ``g_idx``, or "sym"
@@ -201,7 +204,7 @@ def from_gptq(
     missing = [t for t in ("qweight", "qzeros", "scales") if t not in arrays]
     if missing:
         raise ValueError(f"{name}: missing GPTQ tensors {missing}")
-    scales = np.asarray(arrays["scales"]).astype(np.float16)  # [G, N]
+    scales = np.asarray(arrays["scales"]).astype(jnp.dtype(scale_dtype))  # [G, N]
     codes = unpack_rows(np.asarray(arrays["qweight"]), bits)  # [K, N]
     k, n = codes.shape
     g = k if group_size in (-1, None) else int(group_size)
@@ -215,7 +218,7 @@ def from_gptq(
         raise ValueError(f"{name}: g_idx is not in group order (act-order / desc_act checkpoint); only "
                          "desc_act: false checkpoints can be imported")
     zeros = zeros.astype(np.int64) + (1 if checkpoint_format == "gptq" else 0)
-    cfg = QuantConfig(bits=bits, group_size=g, scheme=scheme, scale_dtype="float16")
+    cfg = QuantConfig(bits=bits, group_size=g, scheme=scheme, scale_dtype=scale_dtype)
     if scheme == "sym" and not (zeros == 2 ** (bits - 1) - 1).all():
         raise ValueError(f"{name}: scheme 'sym' needs every zero point to be {2 ** (bits - 1) - 1}")
     return from_codes(codes.T, scales.T, zeros.T if scheme == "asym" else None, (n, k), cfg, dtype)

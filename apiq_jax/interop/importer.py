@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -278,21 +277,6 @@ def _fits_float16(scales: np.ndarray) -> bool:
         return bool(np.array_equal(scales.astype(np.float16).astype(np.float32), scales.astype(np.float32)))
 
 
-def _gptq_linear(arrays: dict[str, np.ndarray], bits: int, group_size: int, fmt: str, name: str, scheme: str,
-                 scale_dtype: str) -> QuantizedTensor:
-    """:func:`~apiq_jax.interop.gptq_format.from_gptq` with the scales kept in ``scale_dtype``."""
-    scales = arrays.get("scales")
-    if scales is None:
-        return from_gptq(arrays, bits, group_size, fmt, name, scheme=scheme)  # names what is missing
-    if scale_dtype == "float16":
-        return from_gptq({**arrays, "scales": scales.astype(np.float16)}, bits, group_size, fmt, name, scheme=scheme)
-    # from_gptq stores float16 scales: give it placeholders of the same shape, then the exact scales
-    qt = from_gptq({**arrays, "scales": np.ones(scales.shape, np.float16)}, bits, group_size, fmt, name,
-                   scheme=scheme)
-    cfg = dataclasses.replace(qt.config, scale_dtype=scale_dtype)
-    return dataclasses.replace(qt, scales=np.asarray(scales).T.astype(cfg.jnp_scale_dtype), config=cfg)
-
-
 def import_gptq(
     src: str | os.PathLike, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
     lora_config: LoraConfig | None = None, seed: int = 0,
@@ -389,7 +373,7 @@ def _read_gptq(tensors: _Tensors, src: Path, config: ModelConfig, bits: int, gro
                   for t in ("qweight", "qzeros", "g_idx") if f"{base}.{t}" in tensors}
         if name in scales:
             arrays["scales"] = scales[name]
-        qt = _gptq_linear(arrays, bits, group_size, fmt, hf_name(name), scheme, scale_dtype)
+        qt = from_gptq(arrays, bits, group_size, fmt, hf_name(name), scheme=scheme, scale_dtype=scale_dtype)
         if tuple(qt.shape) != tuple(shape):
             raise ValueError(f"{base}: GPTQ tensors hold {tuple(qt.shape)}, the config needs {tuple(shape)}")
         flat[name] = qt
