@@ -2,7 +2,8 @@
 
 For each model (stories260K from the shared folder, the bundled demo model), each bit width
 and each LoRA rank it calibrates with RTN, QLoRA, LoftQ, CLoQ, ApiQ-lw, ApiQ-bw and ApiQ-bw
-started from LoftQ's and from CLoQ's closed form (``ApiQOptions.lora_init``), and measures
+started from LoftQ's and from CLoQ's closed form (``ApiQOptions.lora_init``), the three ApiQ-bw
+variants also on the NormalFloat grid the baselines store (optional columns), and measures
 perplexity and the mean per-block activation error on held-out windows, then finetunes the
 LoRA factors (the demo's schedule: 50 steps, batch 8, peak LR 3e-4, 10 warm-up steps, cosine) and
 measures perplexity again. Every ApiQ variant gets the same calibration windows and epochs.
@@ -34,19 +35,26 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-#: (key, label, registry method, ApiQOptions.lora_init or None), in table order
-VARIANTS: tuple[tuple[str, str, str, str | None], ...] = (
-    ("rtn", "RTN", "rtn", None),
-    ("qlora", "QLoRA", "qlora", None),
-    ("loftq", "LoftQ", "loftq", None),
-    ("cloq", "CLoQ", "cloq", None),
-    ("apiq-lw", "ApiQ-lw", "apiq-lw", "default"),
-    ("apiq-bw", "ApiQ-bw", "apiq-bw", "default"),
-    ("apiq-bw+loftq", "ApiQ-bw from LoftQ", "apiq-bw", "loftq"),
-    ("apiq-bw+cloq", "ApiQ-bw from CLoQ", "apiq-bw", "cloq"),
+#: (key, label, registry method, ApiQOptions.lora_init or None, quantizer scheme or None for the method's
+#: default), in table order. The "(NF)" ApiQ variants learn the clipping of the NormalFloat grid that QLoRA,
+#: LoftQ and CLoQ store; they are optional columns (a cell counts without them).
+VARIANTS: tuple[tuple[str, str, str, str | None, str | None], ...] = (
+    ("rtn", "RTN", "rtn", None, None),
+    ("qlora", "QLoRA", "qlora", None, None),
+    ("loftq", "LoftQ", "loftq", None, None),
+    ("cloq", "CLoQ", "cloq", None, None),
+    ("apiq-lw", "ApiQ-lw", "apiq-lw", "default", None),
+    ("apiq-bw", "ApiQ-bw", "apiq-bw", "default", None),
+    ("apiq-bw+loftq", "ApiQ-bw from LoftQ", "apiq-bw", "loftq", None),
+    ("apiq-bw+cloq", "ApiQ-bw from CLoQ", "apiq-bw", "cloq", None),
+    ("apiq-bw-nf", "ApiQ-bw (NF)", "apiq-bw", "default", "nf"),
+    ("apiq-bw-nf+loftq", "ApiQ-bw (NF) from LoftQ", "apiq-bw", "loftq", "nf"),
+    ("apiq-bw-nf+cloq", "ApiQ-bw (NF) from CLoQ", "apiq-bw", "cloq", "nf"),
 )
 BASELINES = ("rtn", "qlora", "loftq", "cloq")
-APIQ = ("apiq-lw", "apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq")
+APIQ = ("apiq-lw", "apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq", "apiq-bw-nf", "apiq-bw-nf+loftq", "apiq-bw-nf+cloq")
+#: the variants every counted cell has (the NF ones are optional)
+REQUIRED = ("rtn", "qlora", "loftq", "cloq", "apiq-lw", "apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq")
 MODELS = ("stories260K", "demo")
 #: the demo's finetuning schedule (apiq_jax.commands.demo)
 FINETUNE_BATCH, FINETUNE_LR, FINETUNE_WARMUP = 8, 3e-4, 10
@@ -101,7 +109,7 @@ def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "eval": np.asarray(eval_ids, np.int32), "train": np.asarray(train, np.int32)}
 
 
-def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None], bits: int, rank: int,
+def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, str | None], bits: int, rank: int,
                 args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate one variant, measure it, finetune its LoRA, measure again: one row.
 
@@ -126,9 +134,9 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None],
     from apiq_jax.quant import QuantConfig
     from apiq_jax.training import FinetuneConfig, finetune
 
-    key, label, method, lora_init = variant
+    key, label, method, lora_init, scheme = variant
     spec = get_method(method)
-    qcfg = QuantConfig(bits=bits, group_size=args.group_size, scheme=spec.default_scheme)
+    qcfg = QuantConfig(bits=bits, group_size=args.group_size, scheme=scheme or spec.default_scheme)
     lcfg = LoraConfig(rank=rank, alpha=2.0 * rank)
     opts: dict[str, Any] = {}
     if spec.trains:
@@ -229,12 +237,12 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
     for b in bits_list:
         for r in ranks:
             c = _cell(rows, model, b, r)
-            if not all(k in c for k, *_ in VARIANTS):
+            if not all(k in c for k in REQUIRED):
                 continue
             out["cells"] += 1
             for field, name in (("perplexity", "apiq_best_before"), ("perplexity_finetuned", "apiq_best_after")):
                 if all(field in c[k] for k in c):
-                    if min(c[k][field] for k in APIQ) <= min(c[k][field] for k in BASELINES):
+                    if min(c[k][field] for k in APIQ if k in c) <= min(c[k][field] for k in BASELINES):
                         out[name] += 1
             if min(c["apiq-bw+loftq"]["perplexity"], c["apiq-bw+cloq"]["perplexity"]) <= c["apiq-bw"]["perplexity"]:
                 out["started_beats_plain"] += 1

@@ -74,7 +74,8 @@ def apiq_bw(params: Mapping[str, Any], model_config: ModelConfig, calib_ids: Any
       model_config: the model config.
       calib_ids: int token ids ``[n_samples, seqlen]`` (any count and length).
       quant_config: quantization config (e.g. ``QuantConfig(2, 64)``); all seven linears of
-        every layer are quantized. Bits 2, 3 or 4, scheme "asym" or "sym"
+        every layer are quantized. Bits 2, 3 or 4, scheme "asym", "sym" or "nf" (the
+        clipping logits shrink each group's range; on NF, its absmax scale)
         (:data:`~apiq_jax.calibration.registry.METHODS`).
       lora_config: LoRA rank/alpha/targets.
       key: PRNG key for the QLoRA init of ``a`` (unused when ``lora_init`` is given).

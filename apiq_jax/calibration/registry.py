@@ -96,15 +96,15 @@ class MethodSpec:
 
 
 _BITS = (2, 3, 4)
-_UNIFORM = ("asym", "sym")  # ApiQ learns the clipping of the uniform grids
+_APIQ_SCHEMES = ("asym", "sym", "nf")  # ApiQ learns each group's clipping on any grid
 
 #: registry name -> :class:`MethodSpec`, in the order the CLI lists them
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec(name="apiq-bw", fn=apiq_bw, label="ApiQ-bw", bits=_BITS, schemes=_UNIFORM,
+        MethodSpec(name="apiq-bw", fn=apiq_bw, label="ApiQ-bw", bits=_BITS, schemes=_APIQ_SCHEMES,
                    default_scheme="asym", trains=True),
-        MethodSpec(name="apiq-lw", fn=apiq_lw, label="ApiQ-lw", bits=_BITS, schemes=_UNIFORM,
+        MethodSpec(name="apiq-lw", fn=apiq_lw, label="ApiQ-lw", bits=_BITS, schemes=_APIQ_SCHEMES,
                    default_scheme="asym", trains=True),
         MethodSpec(name="loftq", fn=loftq_init, label=f"LoftQ (NF, {LOFTQ_COMPARE_ITERATIONS} it.)", bits=_BITS,
                    schemes=("nf", "asym", "sym"), default_scheme="nf", trains=False,

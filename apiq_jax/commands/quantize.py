@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per window (default min({DEFAULT_SEQLEN}, max_position_embeddings); "
                         "2-D .npy ids: their row length)")
     p.add_argument("--scheme", default=None, choices=SCHEMES,
-                   help="quantizer: asym (zero point), sym (absmax) or nf (NormalFloat); default nf for "
+                   help="quantizer: asym (zero point), sym (absmax) or nf (NormalFloat; with apiq-bw/apiq-lw "
+                        "the learned clipping shrinks each group's absmax); default nf for "
                         f"{'/'.join(nf_default)}, asym otherwise")
     p.add_argument("--num-iter", type=int, default=None,
                    help=f"LoftQ alternations (default {loftq.options['num_iter']}, as loftq_init; loftq only; "

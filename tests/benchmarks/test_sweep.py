@@ -41,3 +41,19 @@ def test_table_bolds_apiq_at_or_below_the_best_baseline():
     assert cells[5] == "**30.00 → 19.00**" and cells[6] == "**28.00 → 17.00**"  # ties count as at or below
     assert cells[4] == "33.00 → 25.00" and cells[7] == "31.00 → 18.50"
     assert "| 2 | 8 | 0.400 | 0.900 | 0.350 | 0.300 | 0.330 | 0.300 | 0.280 | 0.310 |" in text
+
+
+def test_nf_variants_are_optional_apiq_columns():
+    """A cell counts without the ApiQ-bw (NF) rows; with them, an NF variant below every baseline makes the
+    cell an ApiQ win, and each NF variant quantizes on the NF grid with its own LoRA start."""
+    asym = {**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (31.0, 18.1), "apiq-bw+loftq": (32.0, 18.2),
+            "apiq-bw+cloq": (33.0, 18.3)}
+    without = sweep.figures(_rows(asym), "m", [2], [8])
+    assert without == {"apiq_best_before": 0, "apiq_best_after": 0, "started_beats_plain": 0, "cells": 1}
+    with_nf = sweep.figures(_rows({**asym, "apiq-bw-nf+cloq": (29.5, 17.5)}), "m", [2], [8])
+    assert with_nf == {"apiq_best_before": 1, "apiq_best_after": 1, "started_beats_plain": 0, "cells": 1}
+    nf = {v[0]: v for v in sweep.VARIANTS if v[0].startswith("apiq-bw-nf")}
+    assert {k: (v[2], v[3], v[4]) for k, v in nf.items()} == {
+        "apiq-bw-nf": ("apiq-bw", "default", "nf"), "apiq-bw-nf+loftq": ("apiq-bw", "loftq", "nf"),
+        "apiq-bw-nf+cloq": ("apiq-bw", "cloq", "nf")}
+    assert set(nf) <= set(sweep.APIQ) and not set(nf) & set(sweep.REQUIRED)

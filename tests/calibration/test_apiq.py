@@ -11,7 +11,7 @@ import pytest
 from apiq_jax.calibration import ApiQOptions, apiq_bw, apiq_lw, cloq_init, loftq_init
 from apiq_jax.calibration.apiq import ApiQContext, InitialLora
 from apiq_jax.lora import LINEARS, init_lora
-from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, fake_quantize, init_clip
+from apiq_jax.quant import ClipLogits, QuantConfig, QuantizedTensor, dequantize, fake_quantize, init_clip, nf_codebook
 from tests.calibration import resume_worker as W
 
 
@@ -46,6 +46,41 @@ def test_result_keeps_the_dtypes_and_the_typed_clip_logits():
     assert res.params["embed_tokens"] is params["embed_tokens"]
     assert res.report.options == ApiQOptions(epochs=1).to_dict()
     assert res.report.extra == {"resumed_from_block": 0, "work_dir": None}
+
+
+def _nf_reference(w: np.ndarray, clip: ClipLogits, bits: int, group: int) -> np.ndarray:
+    """float64 NF fake quantization with learned clipping: each group's scale is
+    ``max(sigmoid(gamma) max, |sigmoid(beta) min|)`` (stored in float16, the default scale dtype), each
+    weight the nearest codebook level times it."""
+    book = np.asarray(nf_codebook(bits), np.float64)
+    sig = lambda v: 1.0 / (1.0 + np.exp(-np.asarray(v, np.float64)))  # noqa: E731
+    g = w.reshape(w.shape[0], -1, group).astype(np.float64)
+    scale = np.maximum(sig(clip.gamma)[..., None] * g.max(-1, keepdims=True),
+                       np.abs(sig(clip.beta)[..., None] * g.min(-1, keepdims=True))).astype(np.float16).astype(np.float64)
+    v = g / np.where(scale == 0, 1.0, scale)
+    return (book[np.abs(v[..., None] - book).argmin(-1)] * scale).reshape(w.shape)
+
+
+@pytest.mark.parametrize("fn", [apiq_bw, apiq_lw])
+def test_normalfloat_grid(fn):
+    """ApiQ on the NF grid: every stored linear is its group absmax (shrunk by the learned clipping logits)
+    times the nearest NF level, as a float64 reference computes it, and training lowers each block's
+    activation error from its starting point."""
+    params, ids = W.tiny_setup()
+    qcfg = QuantConfig(2, 32, scheme="nf")
+    res = fn(params, W.CFG, ids, qcfg, W.LCFG, key=jax.random.PRNGKey(0), options=ApiQOptions(epochs=3))
+    assert res.report.quant_config["scheme"] == "nf"
+    for i, layer in enumerate(res.params["layers"]):
+        for n in LINEARS:
+            assert isinstance(layer[n], QuantizedTensor) and layer[n].config.scheme == "nf" and layer[n].zeros is None
+            clip = res.extras["clip"]["layers"][i][n]
+            assert np.abs(np.asarray(clip.gamma) - 4.0).max() > 1e-4  # the clipping was trained
+            want = _nf_reference(np.asarray(params["layers"][i][n]), clip, 2, 32)
+            got = np.asarray(dequantize(layer[n]), np.float64)
+            # float32 scales: a weight within rounding of a level midpoint may take the other level
+            assert np.mean(np.abs(got - want) > 1e-5 * np.abs(want).max()) < 1e-3, (i, n)
+    for b in res.report.blocks:
+        assert b.error_after < b.error_before, b
 
 
 # --- ApiQOptions.lora_init: ApiQ started from LoftQ's or CLoQ's closed form ------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import jax
 import pytest
 
 from apiq_jax.calibration import (
@@ -36,7 +35,7 @@ def test_registry_contents():
         assert get_method(name) is spec
         assert spec.default_scheme in spec.schemes and spec.bits == (2, 3, 4)
     assert [n for n, s in METHODS.items() if s.trains] == ["apiq-bw", "apiq-lw"]
-    assert METHODS["apiq-bw"].schemes == ("asym", "sym")
+    assert METHODS["apiq-bw"].schemes == METHODS["apiq-lw"].schemes == ("asym", "sym", "nf")
     assert {n for n, s in METHODS.items() if s.default_scheme == "nf"} == {"qlora", "loftq", "cloq"}
     with pytest.raises(ValueError, match="unknown calibration method 'awq'; accepted: apiq-bw, apiq-lw, loftq"):
         get_method("awq")
@@ -76,10 +75,3 @@ def test_library_refuses_exactly_what_the_cli_refuses():
             assert f"is not supported by method {method!r}" in str(e)
             refused = True
         assert refused == _cli_refuses(method, bits, scheme), (method, bits, scheme)
-
-
-@pytest.mark.parametrize("method", ["apiq-bw", "apiq-lw"])
-def test_apiq_refuses_normalfloat(method):
-    params, ids = W.tiny_setup()
-    with pytest.raises(ValueError, match=r"scheme='nf' is not supported by method .*; accepted: asym, sym"):
-        get_method(method).fn(params, W.CFG, ids, QuantConfig(2, 32, "nf"), W.LCFG, key=jax.random.PRNGKey(0))

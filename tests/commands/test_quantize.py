@@ -73,9 +73,6 @@ def test_quantize_errors(tiny_dir, data, tmp_path, capsys, change, message):
 def test_quantize_option_mismatch(tiny_dir, data, tmp_path, capsys):
     code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["calib"], "rtn", "--epochs", "2"))
     assert code != 0 and "--epochs applies to apiq-bw/apiq-lw only" in err
-    code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["calib"], "apiq-bw",
-                                                  "--scheme", "nf"))
-    assert code != 0 and "--scheme nf is not supported by --method apiq-bw" in err
     code, _, err = run_cli(capsys, *quantize_args(tiny_dir, tmp_path / "o", data["stream"], "rtn",
                                                   "--seqlen", "600"))
     assert code != 0 and "fewer than one window" in err
