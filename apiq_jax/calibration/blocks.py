@@ -1,7 +1,8 @@
 """One decoder block at a time: embeddings, running a block over the calibration set, freezing.
 
 * :func:`embed_ids` / :func:`run_block`: the start of every activation stream and one block
-  applied to all samples (batch 1 each, one compiled program for same-shaped blocks). Under
+  applied to all samples (a few short samples per iteration, :func:`samples_per_pass`; one
+  compiled program for same-shaped blocks). Under
   :func:`jax.set_mesh` the streams are split over the devices by samples
   (:func:`apiq_jax.sharding.batch_spec`) and every device runs its own samples' loop; the
   results are the same as on one device.
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -32,9 +34,16 @@ from apiq_jax.models.llama import block_forward, embed
 from apiq_jax.models.quantized import quantize_weight
 from apiq_jax.quant import ClipLogits, FakeQuantWeight, QuantConfig, QuantizedTensor, fake_quantize
 
-__all__ = ["HOST_CHUNK_BYTES", "as_float32", "block_error", "embed_ids", "embed_ids_host", "fake_quant_layer",
-           "float32_view", "freeze_layer", "host_chunks", "layer_idx_arg", "run_block", "sample_groups", "split_samples",
-           "stream_error", "with_quantized"]
+__all__ = ["HOST_CHUNK_BYTES", "KEEP_QUANTIZED_MAX_ELEMENTS", "PASS_TOKENS", "as_float32", "block_error", "embed_ids",
+           "embed_ids_host", "fake_quant_layer", "float32_view", "freeze_layer", "host_chunks", "layer_idx_arg",
+           "run_block", "sample_groups", "samples_per_pass", "split_samples", "stream_error", "with_quantized"]
+
+#: blocks whose fake-quantized linears hold at most this many weights keep each ``Q(W)`` and its
+#: scale-gradient terms from the forward pass (2 x 4 bytes per weight: 32 MiB at the limit)
+#: instead of recomputing them in the backward pass (:func:`fake_quant_layer`)
+KEEP_QUANTIZED_MAX_ELEMENTS = 2**22
+#: tokens per loop iteration of the gradient-free block passes (:func:`samples_per_pass`)
+PASS_TOKENS = 1024
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -129,13 +138,30 @@ def split_samples(fn: Any, xs: jnp.ndarray, *others: Any, groups: int, axes: Any
 
 def _block_fn(layer_params: Mapping[str, Any], config: ModelConfig, lora: Lora | None,
               layer_idx: int | None) -> Any:
-    """One sample ``[s, D]`` (any float dtype) through the block in the layer's precision."""
+    """Samples ``[k, s, D]`` (any float dtype) through the block in the layer's precision."""
 
-    def one(x: jnp.ndarray) -> jnp.ndarray:
-        dtype = _compute_dtype(layer_params)
-        return block_forward(layer_params, x[None].astype(dtype), config, lora=lora, layer_idx=layer_idx)[0]
+    def run(x: jnp.ndarray) -> jnp.ndarray:
+        return block_forward(layer_params, x.astype(_compute_dtype(layer_params)), config, lora=lora,
+                             layer_idx=layer_idx)
 
-    return one
+    return run
+
+
+def samples_per_pass(n: int, seqlen: int) -> int:
+    """Samples per loop iteration of the gradient-free block passes (:func:`run_block`, :func:`block_error`).
+
+    Args:
+      n: samples in the pass.
+      seqlen: tokens per sample.
+
+    Returns:
+      The largest divisor of ``n`` whose samples hold at most :data:`PASS_TOKENS` tokens (at
+      least 1): larger products than one sample at a time on short samples, the same values
+      (each sample's rows are computed alike), and never more than one sample beyond
+      ``PASS_TOKENS`` tokens of activations.
+    """
+    cap = max(1, PASS_TOKENS // seqlen)
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _compute_dtype(layer_params: Mapping[str, Any]) -> Any:
@@ -144,14 +170,16 @@ def _compute_dtype(layer_params: Mapping[str, Any]) -> Any:
 
 
 def _run_block(layer_params, xs, config, lora=None, layer_idx=None):
-    """Sample i read from the carry, then overwritten with its output (in place when ``xs`` is donated)."""
-    one = _block_fn(layer_params, config, lora, layer_idx)
+    """Samples ``[i k, (i + 1) k)`` read from the carry, then overwritten with their outputs (in place
+    when ``xs`` is donated); ``k`` = :func:`samples_per_pass`."""
+    run = _block_fn(layer_params, config, lora, layer_idx)
+    k = samples_per_pass(xs.shape[0], xs.shape[1])
 
     def body(i: jnp.ndarray, xs: jnp.ndarray) -> jnp.ndarray:
-        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(xs.dtype)
-        return jax.lax.dynamic_update_index_in_dim(xs, y, i, 0)
+        y = run(jax.lax.dynamic_slice_in_dim(xs, i * k, k)).astype(xs.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(xs, y, i * k, 0)
 
-    return jax.lax.fori_loop(0, xs.shape[0], body, xs)
+    return jax.lax.fori_loop(0, xs.shape[0] // k, body, xs)
 
 
 def _run_block_split(layer_params, xs, config, lora=None, layer_idx=None, groups=1, axes=None):
@@ -169,11 +197,11 @@ _run_block_split_donating = jax.jit(_run_block_split, static_argnames=_SPLIT_STA
 
 def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelConfig, lora: Lora | None = None,
               layer_idx: int | None = None, *, consume: bool = False) -> jnp.ndarray:
-    """Apply one decoder block to every sample of ``xs`` (batch 1 each, one program).
+    """Apply one decoder block to every sample of ``xs`` (:func:`samples_per_pass` at a time, one program).
 
     Each sample is computed in the layer's precision (float32 for the dense float32 views
     calibration trains on) and stored back in the cache dtype of ``xs``; a float32 cache is
-    exact. With ``consume`` the input buffer is donated and overwritten sample by sample,
+    exact. With ``consume`` the input buffer is donated and overwritten as it is read,
     so the call needs no second ``[n, seqlen, D]`` buffer (``xs`` is unusable afterwards).
 
     Args:
@@ -203,14 +231,16 @@ def run_block(layer_params: Mapping[str, Any], xs: jnp.ndarray, config: ModelCon
 
 
 def _error_sums(layer_params, xs, targets, config, lora=None, layer_idx=None):
-    one = _block_fn(layer_params, config, lora, layer_idx)
+    run = _block_fn(layer_params, config, lora, layer_idx)
+    k = samples_per_pass(xs.shape[0], xs.shape[1])
 
     def body(i, acc):
-        y = one(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)).astype(targets.dtype).astype(jnp.float32)
-        t = jax.lax.dynamic_index_in_dim(targets, i, keepdims=False).astype(jnp.float32)
-        return acc.at[:, i].set(jnp.stack([jnp.sum((t - y) ** 2), jnp.sum(t * t)]))
+        y = run(jax.lax.dynamic_slice_in_dim(xs, i * k, k)).astype(targets.dtype).astype(jnp.float32)
+        t = jax.lax.dynamic_slice_in_dim(targets, i * k, k).astype(jnp.float32)
+        sums = jnp.stack([jnp.sum((t - y) ** 2, axis=(1, 2)), jnp.sum(t * t, axis=(1, 2))])  # [2, k]
+        return jax.lax.dynamic_update_slice_in_dim(acc, sums, i * k, 1)
 
-    return jax.lax.fori_loop(0, xs.shape[0], body, jnp.zeros((2, xs.shape[0]), jnp.float32))
+    return jax.lax.fori_loop(0, xs.shape[0] // k, body, jnp.zeros((2, xs.shape[0]), jnp.float32))
 
 
 @partial(jax.jit, static_argnames=("config", "layer_idx", "groups", "axes"))
@@ -444,15 +474,18 @@ def fake_quant_layer(
       quant_config: the quantizer.
       on_use: each linear as a :class:`~apiq_jax.quant.FakeQuantWeight` instead: the same
         values and logit gradients in a block's forward pass, but quantized where it is used
-        and again, one linear at a time, for its gradient
+        and, one linear at a time, for its gradient
         (:func:`~apiq_jax.quant.fake_quant_matmul`), so training holds one linear's quantizer
-        rather than the whole block's; the dense weights then get no gradient.
+        rather than the whole block's; the dense weights then get no gradient. Blocks of at
+        most :data:`KEEP_QUANTIZED_MAX_ELEMENTS` linear weights keep each ``Q(W)`` for the
+        backward pass instead of recomputing it (faster; small next to the activations).
 
     Returns:
       A new dict (other entries shared).
     """
     out = dict(layer)
+    keep = sum(math.prod(layer[n].shape) for n in clips) <= KEEP_QUANTIZED_MAX_ELEMENTS
     for name, clip in clips.items():
         w = layer[name]
-        out[name] = FakeQuantWeight(w, clip, quant_config) if on_use else fake_quantize(w, quant_config, clip=clip)
+        out[name] = FakeQuantWeight(w, clip, quant_config, keep) if on_use else fake_quantize(w, quant_config, clip=clip)
     return out

@@ -491,7 +491,8 @@ def linear(
         y = qmatmul(x.reshape(-1, x.shape[-1]), w, backend=backend).astype(x.dtype).reshape(*lead, w.shape[0])
     elif isinstance(w, FakeQuantWeight):
         lead = x.shape[:-1]
-        y = fake_quant_matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w.w, w.clip, w.config)
+        y = fake_quant_matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w.w, w.clip, w.config,
+                              w.keep_quantized)
         y = y.astype(x.dtype).reshape(*lead, w.shape[0])
     else:
         y = _dense_matmul(x, w)

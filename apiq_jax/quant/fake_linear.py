@@ -47,11 +47,14 @@ class FakeQuantWeight:
       w: the dense weight ``[out, in]`` (a constant: gradients reach the logits only).
       clip: its :class:`~apiq_jax.quant.ClipLogits`.
       config: the quantizer (static).
+      keep_quantized: keep ``Q(W)`` and its scale-gradient terms from the forward pass for
+        the backward pass instead of recomputing them (static; see :func:`fake_quant_matmul`).
     """
 
     w: jnp.ndarray
     clip: ClipLogits
     config: QuantConfig = dataclasses.field(metadata=dict(static=True))
+    keep_quantized: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -70,8 +73,9 @@ def _codes_and_params(w: jnp.ndarray, clip: ClipLogits, config: QuantConfig):
     return groups, params
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fake_quant_matmul(x: jnp.ndarray, w: jnp.ndarray, clip: ClipLogits, config: QuantConfig) -> jnp.ndarray:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fake_quant_matmul(x: jnp.ndarray, w: jnp.ndarray, clip: ClipLogits, config: QuantConfig,
+                      keep_quantized: bool = False) -> jnp.ndarray:
     """``x [m, in] @ fake_quantize(w, config, clip=clip)^T`` with a memory-frugal gradient for ``clip``.
 
     Args:
@@ -80,6 +84,11 @@ def fake_quant_matmul(x: jnp.ndarray, w: jnp.ndarray, clip: ClipLogits, config: 
       clip: its clipping logits (gradients: those of autodiff through
         :func:`~apiq_jax.quant.fake_quantize`).
       config: the quantizer.
+      keep_quantized: False (frugal): the backward pass recomputes ``Q(W)`` and the
+        scale-gradient terms, holding only ``x``, ``W`` and the logits in between. True: the
+        forward pass keeps both (two weight-sized float32 residuals per linear) and the
+        backward pass reuses them: faster where the weights are small
+        (:data:`~apiq_jax.calibration.blocks.KEEP_QUANTIZED_MAX_ELEMENTS`). The same values.
 
     Returns:
       ``[m, out]`` float32.
@@ -124,8 +133,11 @@ def depend_on(tree: Any, t: Any) -> Any:
     return jax.tree.map(lambda c: c + zero.astype(c.dtype), tree)
 
 
-def _fwd(x, w, clip, config):
-    return x @ fake_quantize(w, config, clip=depend_on(clip, x)).T, (x, w, clip)
+def _fwd(x, w, clip, config, keep_quantized):
+    if keep_quantized:
+        wq = fake_quantize(w, config, clip=clip)
+        return x @ wq.T, (x, w, clip, wq, _dscale_terms(w, clip, config))
+    return x @ fake_quantize(w, config, clip=depend_on(clip, x)).T, (x, w, clip, None, None)
 
 
 def _dscale_terms(w: jnp.ndarray, clip: ClipLogits, config: QuantConfig) -> jnp.ndarray:
@@ -142,18 +154,22 @@ def _dscale_terms(w: jnp.ndarray, clip: ClipLogits, config: QuantConfig) -> jnp.
     return a - jnp.where((unclipped >= 0.0) & (unclipped <= float(config.qmax)), u, 0.0)
 
 
-def _bwd(config, res, g):
-    x, w, clip = res
+def _bwd(config, keep_quantized, res, g):
+    x, w, clip, wq, terms = res
     k = w.shape[-1]
     gs = config.resolve_group_size(k)
-    # each recomputation waits for this linear's cotangent, and the two are kept apart (XLA
-    # then fuses each into one pass instead of materialising what they share)
-    dx = g @ fake_quantize(w, config, clip=depend_on(clip, g))
-    clip2 = depend_on(clip, dx)
+    if keep_quantized:
+        dx, clip2 = g @ wq, clip
+    else:
+        # each recomputation waits for this linear's cotangent, and the two are kept apart (XLA
+        # then fuses each into one pass instead of materialising what they share)
+        dx = g @ fake_quantize(w, config, clip=depend_on(clip, g))
+        clip2 = depend_on(clip, dx)
+        terms = _dscale_terms(w, clip2, config)
     dq = (g.T @ x).astype(jnp.float32)
     pad = num_groups(k, gs) * gs - k
     dq = jnp.pad(dq, [(0, 0), (0, pad)]).reshape(*dq.shape[:-1], -1, gs)  # padded columns get no gradient
-    ds = jnp.sum(dq * _dscale_terms(w, clip2, config), axis=-1, keepdims=True)
+    ds = jnp.sum(dq * terms, axis=-1, keepdims=True)
     _, scale_vjp = jax.vjp(lambda c: _codes_and_params(w, c, config)[1].scale, clip2)
     (dclip,) = scale_vjp(ds)
     return dx.astype(x.dtype), jnp.zeros_like(w), dclip

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apiq_jax.calibration import blocks
 from apiq_jax.calibration.blocks import (
     as_float32,
     block_error,
@@ -19,6 +20,7 @@ from apiq_jax.calibration.blocks import (
     freeze_layer,
     layer_idx_arg,
     run_block,
+    samples_per_pass,
     stream_error,
     with_quantized,
 )
@@ -117,6 +119,32 @@ def test_run_block_in_place_equals_a_fresh_buffer(tiny):
     donated = jnp.array(xs)
     run_block(layer, donated, cfg, consume=True)
     assert donated.is_deleted()  # its buffer now holds the outputs: no second cache
+
+
+def test_samples_per_pass_divides_the_samples_within_the_token_budget():
+    assert blocks.PASS_TOKENS == 1024
+    assert samples_per_pass(32, 256) == 4 and samples_per_pass(128, 2048) == 1 and samples_per_pass(128, 4096) == 1
+    assert samples_per_pass(6, 256) == 3  # 4 does not divide 6
+    assert samples_per_pass(7, 128) == 7 and samples_per_pass(7, 200) == 1  # 5 x 200 fit, but 5 does not divide 7
+    assert samples_per_pass(2, 24) == 2 and samples_per_pass(1, 10) == 1
+
+
+def test_several_samples_per_pass_equal_one_at_a_time(tiny, monkeypatch):
+    """Two samples per iteration over three iterations (and the errors' per-sample sums) against one at a time."""
+    cfg, params, ids = tiny
+    layer = as_float32(params["layers"][0])
+    xs = jax.random.normal(jax.random.key(4), (6, ids.shape[1], cfg.hidden_size))
+    targets = xs + 0.1 * jax.random.normal(jax.random.key(5), xs.shape)
+    outs, errs = {}, {}
+    for tokens in (2 * ids.shape[1], 1):
+        monkeypatch.setattr(blocks, "PASS_TOKENS", tokens)
+        jax.clear_caches()  # the loop's step is fixed when the program is traced
+        assert samples_per_pass(6, ids.shape[1]) == (2 if tokens > 1 else 1)
+        outs[tokens], errs[tokens] = np.asarray(run_block(layer, xs, cfg)), block_error(layer, xs, targets, cfg)
+    want = _reference_block(layer, np.asarray(xs), cfg)
+    np.testing.assert_allclose(outs[2 * ids.shape[1]], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outs[2 * ids.shape[1]], outs[1], rtol=0, atol=1e-6)
+    assert errs[2 * ids.shape[1]] == pytest.approx(errs[1], rel=1e-6)
 
 
 def test_sixteen_bit_cache_computes_in_float32(tiny):

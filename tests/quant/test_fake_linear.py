@@ -32,14 +32,15 @@ def _case(scheme: str, out: int, k: int, group: int, bits: int = 2):
 @pytest.mark.parametrize("scheme", ["asym", "sym", "nf"])
 @pytest.mark.parametrize("shape", [(24, 64, 16), (20, 172, 64)])  # 172: a padded last group
 @pytest.mark.parametrize("jit", [False, True])
-def test_values_and_gradients_are_autodiffs(scheme, shape, jit):
+@pytest.mark.parametrize("keep", [False, True])  # Q(W) recomputed in the backward pass, or kept from the forward
+def test_values_and_gradients_are_autodiffs(scheme, shape, jit, keep):
     cfg, w, x, g, clip = _case(scheme, *shape)
 
     def ref(x, c):
         return jnp.sum((x @ fake_quantize(w, cfg, clip=c).T) * g)
 
     def new(x, c):
-        return jnp.sum(fake_quant_matmul(x, w, c, cfg) * g)
+        return jnp.sum(fake_quant_matmul(x, w, c, cfg, keep) * g)
 
     grad = jax.value_and_grad
     (v_ref, g_ref), (v_new, g_new) = [
@@ -72,9 +73,28 @@ def test_block_training_memory_is_about_half_of_autodiffs(monkeypatch):
     from apiq_jax.calibration import blocks
     from tests.calibration.block_memory import train_block_temp
 
+    monkeypatch.setattr(blocks, "KEEP_QUANTIZED_MAX_ELEMENTS", 0)  # a block this small would keep Q(W)
     frugal, weights = train_block_temp(512, 1408, 8, rank=16, samples=4, seqlen=32)
     monkeypatch.setattr(core, "fake_quant_layer",  # plain autodiff through the quantizer
                         lambda layer, clips, qcfg, on_use=False: blocks.fake_quant_layer(layer, clips, qcfg))
     plain, _ = train_block_temp(512, 1408, 8, rank=16, samples=4, seqlen=32)
     assert plain > 3 * weights  # autodiff: Q(W) and its residuals for every linear at once
     assert frugal < 0.6 * plain, (frugal, plain)
+
+
+def test_small_blocks_keep_the_quantized_weights(monkeypatch):
+    """fake_quant_layer(on_use=True) keeps Q(W) for blocks of at most KEEP_QUANTIZED_MAX_ELEMENTS linear weights
+    (the gradient above is the same either way); the kept residuals show in XLA's compiled memory."""
+    from apiq_jax.calibration import blocks
+    from tests.calibration.block_memory import train_block_temp
+
+    cfg, w, _, _, clip = _case("asym", 24, 64, 16)
+    layer = {"q_proj": w, "k_proj": w}
+    clips = {"q_proj": clip, "k_proj": clip}
+    assert all(v.keep_quantized for v in blocks.fake_quant_layer(layer, clips, cfg, on_use=True).values())
+    monkeypatch.setattr(blocks, "KEEP_QUANTIZED_MAX_ELEMENTS", 2 * 24 * 64 - 1)  # one weight over the limit
+    assert not any(v.keep_quantized for v in blocks.fake_quant_layer(layer, clips, cfg, on_use=True).values())
+    frugal, weights = train_block_temp(256, 688, 4, rank=8, samples=4, seqlen=32)
+    monkeypatch.setattr(blocks, "KEEP_QUANTIZED_MAX_ELEMENTS", 2**30)
+    kept, _ = train_block_temp(256, 688, 4, rank=8, samples=4, seqlen=32)
+    assert kept > frugal + weights  # Q(W) and the scale terms of every linear held from forward to backward
