@@ -26,6 +26,7 @@ from apiq_jax.calibration.loftq import loftq_init
 from apiq_jax.calibration.reports import CalibrationResult
 from apiq_jax.calibration.rtn import qlora_init, rtn_init
 from apiq_jax.quant import QuantConfig
+from apiq_jax.quant.config import SCHEMES
 
 __all__ = ["METHODS", "MethodSpec", "get_method"]
 
@@ -96,15 +97,15 @@ class MethodSpec:
 
 
 _BITS = (2, 3, 4)
-_APIQ_SCHEMES = ("asym", "sym", "nf")  # ApiQ learns each group's clipping on any grid
 
-#: registry name -> :class:`MethodSpec`, in the order the CLI lists them
+#: registry name -> :class:`MethodSpec`, in the order the CLI lists them (ApiQ learns each group's
+#: clipping on every grid of :data:`~apiq_jax.quant.config.SCHEMES`)
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec(name="apiq-bw", fn=apiq_bw, label="ApiQ-bw", bits=_BITS, schemes=_APIQ_SCHEMES,
+        MethodSpec(name="apiq-bw", fn=apiq_bw, label="ApiQ-bw", bits=_BITS, schemes=SCHEMES,
                    default_scheme="asym", trains=True),
-        MethodSpec(name="apiq-lw", fn=apiq_lw, label="ApiQ-lw", bits=_BITS, schemes=_APIQ_SCHEMES,
+        MethodSpec(name="apiq-lw", fn=apiq_lw, label="ApiQ-lw", bits=_BITS, schemes=SCHEMES,
                    default_scheme="asym", trains=True),
         MethodSpec(name="loftq", fn=loftq_init, label=f"LoftQ (NF, {LOFTQ_COMPARE_ITERATIONS} it.)", bits=_BITS,
                    schemes=("nf", "asym", "sym"), default_scheme="nf", trains=False,
