@@ -1,6 +1,6 @@
 """The layering of docs/architecture.md, checked on the source: what each package may import.
 
-quant <- pallas_kernels <- qmatmul <- lora/data <- models <- evaluate <- calibration <- training
+quant, cpu_kernels <- pallas_kernels <- qmatmul <- lora/data <- models <- evaluate <- calibration <- training
 <- PEFT methods (adapters, prompt tuning, QAT) <- compare <- commands <- cli. Imports inside
 functions count too: a lazy import is still a dependency.
 """
@@ -17,7 +17,7 @@ BASE = {"apiq_jax.quant"}
 QMATMUL = BASE | {"apiq_jax.qmatmul"}  # the one module that knows the kernels
 LEAVES = {"apiq_jax.lora", "apiq_jax.data", "apiq_jax.checkpoint", "apiq_jax.plotting", "apiq_jax.sharding",
           "apiq_jax.interrupts"}
-MODELS = QMATMUL | LEAVES | {"apiq_jax.models"}
+MODELS = QMATMUL | LEAVES | {"apiq_jax.cpu_kernels", "apiq_jax.models"}
 EVALUATE = MODELS | {"apiq_jax.evaluate"}
 CALIBRATION = EVALUATE | {"apiq_jax.calibration"}
 TRAINING = CALIBRATION | {"apiq_jax.training"}
@@ -31,6 +31,7 @@ HARNESS = PEFT | {"apiq_jax.compare", "apiq_jax.demo_data", "apiq_jax.memory_pla
 ALLOWED: dict[str, set[str]] = {
     "pallas_kernels": {"pallas_kernels"},
     "apiq_jax.quant": BASE,
+    "apiq_jax.cpu_kernels": {"apiq_jax.cpu_kernels"},  # C++ custom calls on raw arrays (fused CPU attention)
     "apiq_jax.qmatmul": BASE | {"pallas_kernels"},
     "apiq_jax.lora": BASE | {"apiq_jax.lora"},
     "apiq_jax.data": {"apiq_jax.data"},

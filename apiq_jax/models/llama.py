@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apiq_jax.cpu_kernels import attention as cpu_attention
 from apiq_jax.data import check_ids
 from apiq_jax.lora import LINEARS, MLP_LINEARS, Lora
 from apiq_jax.models.config import ModelConfig
@@ -55,9 +56,10 @@ from apiq_jax.quant import FakeQuantWeight, QuantizedTensor, dequantize, fake_qu
 from apiq_jax.sharding import gather_layer
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
-#: ``attention(impl=...)``: "auto" (causal blocks while the scores fit in one chunk, chunked
-#: beyond), "plain" (all scores at once), "blocks" (causal query blocks), "chunked"
-ATTENTION_IMPLS = ("auto", "plain", "blocks", "chunked")
+#: ``attention(impl=...)``: "auto" (the fused CPU kernel where it applies, else causal blocks
+#: while the scores fit in one chunk, chunked beyond), "plain" (all scores at once), "blocks"
+#: (causal query blocks), "chunked", "fused" (:mod:`apiq_jax.cpu_kernels.attention`)
+ATTENTION_IMPLS = ("auto", "plain", "blocks", "chunked", "fused")
 #: at most this many query blocks in the causal-blocks attention path
 ATTENTION_CAUSAL_BLOCKS = 8
 #: fewest query rows per causal block (shorter sequences run as fewer blocks)
@@ -735,17 +737,19 @@ def attention(
       backend: qmatmul backend of quantized linears.
       impl: one of :data:`ATTENTION_IMPLS`. "plain": the ``[b, heads, s, s]`` float32
         scores at once. "blocks": causal query blocks, each over the keys it can see
-        (:func:`causal_block_rows`; the fastest on CPU). "chunked": blocks of
-        :func:`attention_chunk_rows` queries, each rematerialised in the backward pass, so
-        attention memory is ``O(s * rows)`` instead of ``O(s^2)``. "auto": "blocks" while
-        all scores fit in one chunk of :data:`ATTENTION_CHUNK_SCORES` values, "chunked"
-        beyond. All give the same values up to float32 rounding.
+        (:func:`causal_block_rows`). "chunked": blocks of :func:`attention_chunk_rows`
+        queries, each rematerialised in the backward pass, so attention memory is
+        ``O(s * rows)`` instead of ``O(s^2)``. "fused": one C++ custom call per pass on the
+        CPU (:func:`apiq_jax.cpu_kernels.fused_attention`: float32, head_dim a multiple of
+        16; ``O(s)`` memory; the fastest on CPU). "auto": "fused" where it applies, else
+        "blocks" while all scores fit in one chunk of :data:`ATTENTION_CHUNK_SCORES` values,
+        "chunked" beyond. All give the same values up to float32 rounding.
 
     Returns:
       The attention block's output ``[b, s, D]`` (after o_proj).
 
     Raises:
-      ValueError: an unknown ``impl``.
+      ValueError: an unknown ``impl``, or "fused" where the kernel does not apply.
     """
     _check_choice(impl, "attention impl", ATTENTION_IMPLS)
     p = layer_params
@@ -760,7 +764,9 @@ def attention(
     v = proj("v_proj").reshape(b, s, kvh, hd)
     q = q.reshape(b, s, kvh, config.num_kv_groups, hd)  # query head i uses kv head i // groups
     rows = attention_chunk_rows(b, h, s)
-    if impl == "plain":
+    if impl == "fused" or (impl == "auto" and cpu_attention.supports(q, k, mask)):
+        out = cpu_attention.fused_attention(q, k, v, mask)
+    elif impl == "plain":
         out = _attend(q, k, v, mask)
     elif impl == "blocks" or (impl == "auto" and rows >= s):
         out = _attend_causal_blocks(q, k, v, mask)

@@ -312,7 +312,7 @@ def test_bad_remat_and_attention_impl_are_one_line_errors():
     ids = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match=r"^remat='full' is not supported; accepted: \('none', 'block', 'dots', 'sqrt'\)$"):
         forward(frozen, None, ids, MIXED, remat="full")
-    with pytest.raises(ValueError, match=r"^attention impl='flash' is not supported; accepted: \('auto', 'plain', 'blocks', 'chunked'\)$"):
+    with pytest.raises(ValueError, match=r"^attention impl='flash' is not supported; accepted: \('auto', 'plain', 'blocks', 'chunked', 'fused'\)$"):
         forward(frozen, None, ids, MIXED, attention_impl="flash")
 
 
