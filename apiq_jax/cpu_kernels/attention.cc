@@ -1,5 +1,6 @@
 // Fused causal softmax attention for the CPU: forward and backward as XLA FFI custom calls.
 //
+// Scores are scale * q.k (the attribute "scale": 1/sqrt(head_dim) of the unpadded heads).
 // Layouts (row-major, float32): q and out [B, S, KVH, G, D] (G query heads per key head),
 // k and v [B, S, KVH, D], mask [MB, S, S] bool (MB is 1 or B; True where a query may see a
 // key; causal: keys after the query are never read), lse [B, KVH, G, S] (log-sum-exp of each
@@ -346,11 +347,11 @@ Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::PRED>& mask) {
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                       ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                       ffi::Buffer<ffi::PRED> mask, float scale, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse) {
   if (q.dimensions().size() != 5) return ffi::Error::InvalidArgument("apiq_cpu_attention: q must be 5-D");
   const Dims d = dims_of(q, mask);
   if (auto e = check(d, k, mask); e.failure()) return e;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d.D));
   parallel_for(pool, d.B * d.KVH, [&](int64_t t) {
     forward_pair(d, t / d.KVH, t % d.KVH, scale, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(),
                  out->typed_data(), lse->typed_data());
@@ -360,12 +361,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                         ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                        ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::Buffer<ffi::F32> dout, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk,
                         ffi::ResultBuffer<ffi::F32> dv) {
   if (q.dimensions().size() != 5) return ffi::Error::InvalidArgument("apiq_cpu_attention: q must be 5-D");
   const Dims d = dims_of(q, mask);
   if (auto e = check(d, k, mask); e.failure()) return e;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d.D));
   parallel_for(pool, d.B * d.KVH, [&](int64_t t) {
     backward_pair(d, t / d.KVH, t % d.KVH, scale, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(),
                   out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
@@ -383,6 +384,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApiqAttentionForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -396,6 +398,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApiqAttentionBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

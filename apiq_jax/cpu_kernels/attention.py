@@ -30,10 +30,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apiq_jax.cpu_kernels.build import BuildError, load_library
 
-#: head dims must be a multiple of this (the kernel's vector width in float32 lanes)
+#: the kernel's head_dim is a multiple of this (its vector width in float32 lanes); others are zero-padded
 HEAD_DIM_MULTIPLE = 16
 #: the custom-call targets registered for the CPU platform
 FORWARD_TARGET, BACKWARD_TARGET = "apiq_cpu_attention_fwd", "apiq_cpu_attention_bwd"
@@ -76,39 +77,39 @@ def supports(q: jax.Array, k: jax.Array, mask: jax.Array) -> bool:
       mask: boolean ``[1 or b, s, s]``.
 
     Returns:
-      True for float32 operands, ``hd`` a multiple of :data:`HEAD_DIM_MULTIPLE`, matching shapes,
-      and the kernel available (:func:`unavailable_reason`).
+      True for float32 operands of matching shapes and the kernel available
+      (:func:`unavailable_reason`).
     """
     if q.ndim != 5 or k.ndim != 4 or mask.ndim != 3:
         return False
     b, s, kvh, _, hd = q.shape
-    shapes_ok = (k.shape == (b, s, kvh, hd) and mask.shape[1:] == (s, s) and mask.shape[0] in (1, b)
-                 and hd % HEAD_DIM_MULTIPLE == 0)
+    shapes_ok = k.shape == (b, s, kvh, hd) and mask.shape[1:] == (s, s) and mask.shape[0] in (1, b)
     dtypes_ok = q.dtype == jnp.float32 and k.dtype == jnp.float32
     return shapes_ok and dtypes_ok and unavailable_reason() is None
 
 
-def _forward_call(q, k, v, mask):
+def _forward_call(q, k, v, mask, scale):
     b, s, kvh, g, _ = q.shape
     out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, kvh, g, s), jnp.float32))
-    return jax.ffi.ffi_call(FORWARD_TARGET, out_types, vmap_method="sequential")(q, k, v, mask.astype(bool))
+    return jax.ffi.ffi_call(FORWARD_TARGET, out_types, vmap_method="sequential")(
+        q, k, v, mask.astype(bool), scale=np.float32(scale))
 
 
-@jax.custom_vjp
-def _fused(q, k, v, mask):
-    return _forward_call(q, k, v, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(q, k, v, mask, scale):
+    return _forward_call(q, k, v, mask, scale)[0]
 
 
-def _fused_fwd(q, k, v, mask):
-    out, lse = _forward_call(q, k, v, mask)
+def _fused_fwd(q, k, v, mask, scale):
+    out, lse = _forward_call(q, k, v, mask, scale)
     return out, (q, k, v, mask, out, lse)
 
 
-def _fused_bwd(res, dout):
+def _fused_bwd(scale, res, dout):
     q, k, v, mask, out, lse = res
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     dq, dk, dv = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")(
-        q, k, v, mask.astype(bool), out, lse, dout.astype(jnp.float32))
+        q, k, v, mask.astype(bool), out, lse, dout.astype(jnp.float32), scale=np.float32(scale))
     return dq, dk, dv, None
 
 
@@ -119,7 +120,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     """Causal softmax attention of ``q`` over ``k, v`` in one custom call (differentiable).
 
     Args:
-      q: float32 queries ``[b, s, kvh, g, hd]`` (``g`` query heads per key head).
+      q: float32 queries ``[b, s, kvh, g, hd]`` (``g`` query heads per key head; ``hd`` is
+        zero-padded to a multiple of :data:`HEAD_DIM_MULTIPLE` for the kernel).
       k, v: float32 keys and values ``[b, s, kvh, hd]``.
       mask: boolean ``[1 or b, s, s]``, True where a query may see a key; causal (keys after
         a query are never read). A query whose keys are all masked gets the mean of the values
@@ -134,10 +136,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     if not supports(q, k, mask):
         why = unavailable_reason()
         raise ValueError(
-            f"fused CPU attention takes float32 q [b, s, kvh, g, hd] (hd a multiple of {HEAD_DIM_MULTIPLE}), "
-            f"k, v [b, s, kvh, hd] and a bool mask [1 or b, s, s]; got q {q.shape} {q.dtype}, k {k.shape} "
-            f"{k.dtype}, mask {mask.shape}" + (f" (kernel unavailable: {why})" if why else ""))
-    return _fused(q, k, v, mask)
+            f"fused CPU attention takes float32 q [b, s, kvh, g, hd], k, v [b, s, kvh, hd] and a bool mask "
+            f"[1 or b, s, s]; got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, mask {mask.shape}"
+            + (f" (kernel unavailable: {why})" if why else ""))
+    hd = q.shape[-1]
+    pad = -hd % HEAD_DIM_MULTIPLE  # zero lanes change no score and are cut from the output
+    if pad:
+        q, k, v = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) for x in (q, k, v))
+    out = _fused(q, k, v, mask, float(hd) ** -0.5)
+    return out[..., :hd] if pad else out
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -740,8 +740,8 @@ def attention(
         (:func:`causal_block_rows`). "chunked": blocks of :func:`attention_chunk_rows`
         queries, each rematerialised in the backward pass, so attention memory is
         ``O(s * rows)`` instead of ``O(s^2)``. "fused": one C++ custom call per pass on the
-        CPU (:func:`apiq_jax.cpu_kernels.fused_attention`: float32, head_dim a multiple of
-        16; ``O(s)`` memory; the fastest on CPU). "auto": "fused" where it applies, else
+        CPU (:func:`apiq_jax.cpu_kernels.fused_attention`: float32; ``O(s)`` memory; the
+        fastest on CPU). "auto": "fused" where it applies, else
         "blocks" while all scores fit in one chunk of :data:`ATTENTION_CHUNK_SCORES` values,
         "chunked" beyond. All give the same values up to float32 rounding.
 

@@ -196,11 +196,17 @@ def test_offloaded_16bit_caches_and_fitted_lora_match_the_device_run(tiny, monke
     runs = [apiq_bw(params, cfg, ids, TINY_QCFG, TINY_LCFG, options=opts, offload_activations=off)
             for off in (False, True)]
     for a, b in zip(runs[0].report.blocks, runs[1].report.blocks, strict=True):
-        np.testing.assert_allclose(a.loss_curve, b.loss_curve, rtol=1e-5)
-        np.testing.assert_allclose(a.error_after, b.error_after, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(runs[0].lora.factors), jax.tree.leaves(runs[1].lora.factors)):
-        # Gram sums in another order, through one AdamW step (measured: 1.2e-6 at most, factors ~1e-2)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6)
+        # the CLoQ start's Gram sums run in another order (chunks of 2 samples), so the losses (~1e-4, mean
+        # squares) differ in float32 rounding: measured 3.7e-5 relative at most on an AVX-512 CPU, 1e-5 elsewhere
+        np.testing.assert_allclose(a.loss_curve, b.loss_curve, rtol=1e-4)
+        np.testing.assert_allclose(a.error_after, b.error_after, rtol=1e-4)
+    for la, lb in zip(runs[0].lora["layers"], runs[1].lora["layers"], strict=True):
+        for n in LINEARS:
+            # The LoRA products, not the factors: CLoQ's SVD of nearly equal singular values may rotate the
+            # factors under float32 rounding (seen: factors 1.7e-4 apart, products 6e-6 apart, products ~8e-3)
+            pa, pb = (np.asarray(x[n].a @ x[n].b) for x in (la, lb))
+            assert np.abs(pa).max() > 1e-3
+            np.testing.assert_allclose(pa, pb, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="offloading the activations is supported by apiq-bw, not apiq-lw"):
         calibrate_apiq("apiq-lw", lw_step, params, cfg, ids, TINY_QCFG, TINY_LCFG, key=jax.random.PRNGKey(0),
                        opts=opts, lora_init=None, work_dir=None, progress=False, on_block_end=None,

@@ -64,7 +64,7 @@ def padded_window_mask(b, s, pad, window):
 
 
 @pytest.mark.parametrize("b,s,kvh,g,hd", [(2, 37, 2, 2, 16), (1, 100, 1, 4, 32), (3, 24, 3, 1, 64),
-                                          (1, 1, 1, 1, 16), (2, 65, 2, 3, 48)])
+                                          (1, 1, 1, 1, 16), (2, 65, 2, 3, 48), (2, 30, 4, 2, 8), (1, 20, 1, 1, 12)])
 def test_forward_matches_float64_causal(b, s, kvh, g, hd):
     q, k, v = operands(b, s, kvh, g, hd, seed=s, scale=2.0)
     mask = jnp.tril(jnp.ones((1, s, s), bool))
@@ -143,11 +143,22 @@ def test_supports_and_refusals():
     mask = jnp.tril(jnp.ones((1, 8, 8), bool))
     assert attention.supports(q, k, mask)
     assert not attention.supports(q.astype(jnp.bfloat16), k, mask)  # float32 only
-    q12, k12, _ = operands(1, 8, 1, 1, 12)
-    assert not attention.supports(q12, k12, mask)  # head_dim not a multiple of 16
     assert not attention.supports(q, k[:, :4], mask)  # keys of another length (a cache)
-    with pytest.raises(ValueError, match=r"^fused CPU attention takes float32 q .* got q \(1, 8, 1, 1, 12\) float32"):
-        attention.fused_attention(q12, k12, k12, mask)
+    assert not attention.supports(q, k, mask[:, :4])
+    with pytest.raises(ValueError, match=r"^fused CPU attention takes float32 q .* got q \(1, 8, 1, 1, 16\) bfloat16"):
+        attention.fused_attention(q.astype(jnp.bfloat16), k, v, mask)
+
+
+def test_padded_head_dim_gradients():
+    """head_dim 8 runs zero-padded to 16 with the scale of 8: gradients of the unpadded operands."""
+    q, k, v = operands(2, 19, 2, 2, 8, seed=9, scale=2.0)
+    mask = jnp.tril(jnp.ones((1, 19, 19), bool))
+    w = jnp.asarray(np.random.default_rng(10).standard_normal(q.shape), jnp.float32)
+    grads = [jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * w), (0, 1, 2))(q, k, v)
+             for fn in (attention.fused_attention, attention.attention_reference)]
+    for a, r in zip(*grads):
+        assert a.shape == r.shape and float(jnp.max(jnp.abs(r))) > 0.1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=5e-5, rtol=0)
 
 
 def test_switch_off_by_environment(monkeypatch):
@@ -157,7 +168,7 @@ def test_switch_off_by_environment(monkeypatch):
     assert not attention.supports(q, k, jnp.tril(jnp.ones((1, 8, 8), bool)))
 
 
-@pytest.mark.parametrize("head_dim,dtype,fused", [(16, jnp.float32, True), (8, jnp.float32, False),
+@pytest.mark.parametrize("head_dim,dtype,fused", [(16, jnp.float32, True), (8, jnp.float32, True),
                                                   (16, jnp.bfloat16, False)])
 def test_auto_picks_the_kernel_where_it_applies(head_dim, dtype, fused):
     from apiq_jax.models.config import ModelConfig
