@@ -52,5 +52,21 @@ def test_block_has_seven_fake_quantized_linears_and_steps(peer):
     layer, _ = peer.make_block(rank=4)
     linears = [m for m in layer.modules() if isinstance(m, peer.FakeQuantLoraLinear)]
     assert len(linears) == 7 and {tuple(m.a.shape) for m in linears} >= {(256, 4), (768, 4)}
-    times = peer.block_step_seconds(samples=2, seqlen=16, epochs=1, rank=4, warmup=1)
-    assert len(times) == 2 and all(t > 0 for t in times)
+    res = peer.calibrate_block(samples=2, seqlen=16, epochs=2, rank=4, warmup=1)
+    assert res["steps"] == 4 and len(res["step_seconds"]) == 4
+    assert res["total_seconds"] > sum(res["step_seconds"]) > 0  # the targets and the propagation around the steps
+
+
+def test_modes_dense_train_frozen(peer):
+    """"dense" is W alone; "frozen" stores exactly the Q(W) that "train" recomputes."""
+    torch.manual_seed(0)
+    m = peer.FakeQuantLoraLinear(torch.randn(32, 64), rank=4, alpha=4.0)
+    torch.nn.init.normal_(m.b)
+    x = torch.randn(3, 64)
+    m.mode = "dense"
+    torch.testing.assert_close(m(x), x @ m.weight.T)
+    m.mode = "train"
+    trained = m(x)
+    m.freeze()
+    torch.testing.assert_close(m(x), trained)
+    assert m.mode == "frozen" and not torch.allclose(trained, x @ m.weight.T, atol=1e-3)
