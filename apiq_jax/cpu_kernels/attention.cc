@@ -70,34 +70,31 @@ inline void rows_times_cols(const float* a, const float* bt, int64_t D, int64_t 
   }
 }
 
+// out[r][c : c + NV * kLanes] = sum_{j < n} w[r][j] * m[j][c : c + NV * kLanes] for r < kRows (NV vectors
+// of columns held in registers per row).
+template <int NV>
+inline void weights_times_columns(const float* w, const float* m, int64_t D, int64_t Spad, int64_t n, int64_t c,
+                                  float* out) {
+  vec acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < NV; ++u) acc[r][u] = vec{};
+  for (int64_t j = 0; j < n; ++j) {
+    vec mv[NV];
+    for (int u = 0; u < NV; ++u) mv[u] = load(m + j * D + c + u * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float x = w[r * Spad + j];
+      for (int u = 0; u < NV; ++u) acc[r][u] += x * mv[u];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < NV; ++u) store(out + r * D + c + u * kLanes, acc[r][u]);
+}
+
 // out[r][:] = sum_{j < n} w[r][j] * m[j][:] for r < kRows; w is [kRows][Spad], m is [Spad][D].
 inline void weights_times_rows(const float* w, const float* m, int64_t D, int64_t Spad, int64_t n, float* out) {
   int64_t c = 0;
-  for (; c + 2 * kLanes <= D; c += 2 * kLanes) {
-    vec a0[kRows], a1[kRows];
-    for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = vec{};
-    for (int64_t j = 0; j < n; ++j) {
-      const vec m0 = load(m + j * D + c), m1 = load(m + j * D + c + kLanes);
-      for (int r = 0; r < kRows; ++r) {
-        const float x = w[r * Spad + j];
-        a0[r] += x * m0;
-        a1[r] += x * m1;
-      }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      store(out + r * D + c, a0[r]);
-      store(out + r * D + c + kLanes, a1[r]);
-    }
-  }
-  for (; c < D; c += kLanes) {
-    vec a0[kRows];
-    for (int r = 0; r < kRows; ++r) a0[r] = vec{};
-    for (int64_t j = 0; j < n; ++j) {
-      const vec m0 = load(m + j * D + c);
-      for (int r = 0; r < kRows; ++r) a0[r] += w[r * Spad + j] * m0;
-    }
-    for (int r = 0; r < kRows; ++r) store(out + r * D + c, a0[r]);
-  }
+  for (; c + 2 * kLanes <= D; c += 2 * kLanes) weights_times_columns<2>(w, m, D, Spad, n, c, out);
+  for (; c < D; c += kLanes) weights_times_columns<1>(w, m, D, Spad, n, c, out);
 }
 
 // acc[j][:] += sum_r w[r][j] * x[r][:] for j < n; w is [kRows][Spad], x is [kRows][D], acc [Spad][D].
@@ -375,30 +372,20 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   return ffi::Error::Success();
 }
 
+using F32 = ffi::Buffer<ffi::F32>;
+
+// The arguments both handlers start with: XLA's thread pool, q, k, v and the mask.
+auto bind_qkv_mask() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<ffi::Buffer<ffi::PRED>>();
+}
+
 }  // namespace
 
+// (q, k, v, mask; scale) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApiqAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              bind_qkv_mask().Attr<float>("scale").Ret<F32>().Ret<F32>());
 
+// (q, k, v, mask, out, lse, dout; scale) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApiqAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              bind_qkv_mask().Arg<F32>().Arg<F32>().Arg<F32>().Attr<float>("scale").Ret<F32>()
+                                  .Ret<F32>().Ret<F32>());
