@@ -8,6 +8,12 @@ perplexity and the mean per-block activation error on held-out windows, then fin
 LoRA factors (the demo's schedule: 50 steps, batch 8, peak LR 3e-4, 10 warm-up steps, cosine) and
 measures perplexity again. Every ApiQ variant gets the same calibration windows and epochs.
 
+With ``--seeds 0,1,2`` every row is run once per seed: the seed draws the calibration windows
+(stories260K: the seed-th block of ``--nsamples`` rows of ``calib.npy``, disjoint between seeds;
+demo: random windows of the calibration text), QLoRA's random ``a`` and the finetuning order. The
+tables then show the geometric mean over seeds (the perplexity of the mean loss) and the spread,
+and the figures are counted on the means as well as per seed.
+
 Every finished row is appended to ``rows.jsonl`` under ``--out`` at once, so an interrupted
 sweep resumes where it stopped (rows whose settings differ are refused, not mixed). At the end
 it prints one Markdown table per model, checks the issue's figures and draws a heat map per
@@ -15,7 +21,7 @@ model (``sweep_<model>.png``).
 
     python benchmarks/sweep.py [--models stories260K,demo] [--bits 2,3] [--ranks 4,8,16,32]
         [--nsamples 8] [--seqlen 128] [--epochs 2] [--eval-windows 16] [--finetune-steps 50] [--finetune-batch 8]
-        [--out benchmarks/sweep] [--shared DIR] [--report-only]
+        [--seeds 0] [--out benchmarks/sweep] [--shared DIR] [--report-only]
 """
 
 from __future__ import annotations
@@ -65,19 +71,21 @@ def _shared_default() -> Path:
     return Path(env) if env else REPO.parent / "shared"
 
 
-def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def load_model(name: str, args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """A model and its data: calibration, evaluation and finetuning windows.
 
     Args:
       name: "stories260K" (``--shared``/models/stories260K with data/tinystories260K) or "demo"
         (the bundled model and held-out Python stdlib text, as ``apiq-jax demo``).
       args: the parsed arguments.
+      seed: which calibration windows: stories260K's rows ``seed * n .. (seed + 1) * n - 1`` of
+        ``calib.npy`` (``n = --nsamples``); the demo's windows sampled with this seed.
 
     Returns:
       ``{"params", "config", "calib", "eval", "train"}`` (int32 windows of ``--seqlen`` tokens).
 
     Raises:
-      SystemExit: an input file is missing.
+      SystemExit: an input file is missing, or stories260K has too few rows for the seed.
     """
     import numpy as np
 
@@ -92,7 +100,11 @@ def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"sweep input not found: {p} (pass --shared DIR or set APIQ_SHARED)")
         model = load_pretrained(model_dir)
         calib_all = np.load(data / "calib.npy").astype(np.int32)
-        calib = calib_all[: args.nsamples, : args.seqlen]
+        lo, hi = seed * args.nsamples, (seed + 1) * args.nsamples
+        if hi > len(calib_all):
+            raise SystemExit(f"--seeds: seed {seed} needs calibration rows {lo}..{hi - 1} but {data / 'calib.npy'} "
+                             f"has {len(calib_all)}; accepted seeds: 0..{len(calib_all) // args.nsamples - 1}")
+        calib = calib_all[lo:hi, : args.seqlen]
         eval_ids = np.load(data / "eval.npy").astype(np.int32)[: args.eval_windows, : args.seqlen]
         train = calib_all[:, : args.seqlen]
     else:
@@ -101,7 +113,7 @@ def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         model = load_pretrained(DEMO_MODEL_DIR)
         tok = load_tokenizer(DEMO_MODEL_DIR)
         stream = tokenize(demo_text("calib"), tok)
-        calib = sample_windows(stream, args.nsamples, args.seqlen, seed=args.seed, name="demo calibration text")
+        calib = sample_windows(stream, args.nsamples, args.seqlen, seed=seed, name="demo calibration text")
         eval_ids = split_windows(tokenize(demo_text("eval"), tok), args.seqlen, name="demo evaluation text")
         eval_ids = eval_ids[: args.eval_windows]
         train = split_windows(stream, args.seqlen)
@@ -110,7 +122,7 @@ def load_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, str | None], bits: int, rank: int,
-                args: argparse.Namespace) -> dict[str, Any]:
+                args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """Calibrate one variant, measure it, finetune its LoRA, measure again: one row.
 
     Args:
@@ -119,9 +131,10 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
       bits: weight bits.
       rank: LoRA rank (alpha = 2 * rank: the scale alpha / r is 2 at every rank).
       args: the parsed arguments.
+      seed: QLoRA's random ``a`` and the finetuning order (the data's seed is ``data``'s).
 
     Returns:
-      The row (perplexity before/after finetuning, mean activation error, seconds).
+      The row (perplexity before/after finetuning, mean activation error, seconds, seed).
     """
     import jax
     import numpy as np
@@ -147,18 +160,18 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
     t0 = time.perf_counter()
     if not spec.trains:
         opts["measure_error"] = False  # measured below on the held-out windows, as for ApiQ
-    res = spec.fn(params, config, data["calib"], qcfg, lcfg, key=jax.random.PRNGKey(args.seed), **opts)
+    res = spec.fn(params, config, data["calib"], qcfg, lcfg, key=jax.random.PRNGKey(seed), **opts)
     calib_s = time.perf_counter() - t0
     ppl = perplexity_ids(res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH).perplexity
     errs = activation_errors(params, res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH)
     row = {"variant": key, "label": label, "method": method, "lora_init": lora_init, "scheme": qcfg.scheme,
            "bits": bits, "rank": rank, "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
            "mean_activation_error": float(np.mean(errs)), "activation_errors": [float(e) for e in errs],
-           "calib_seconds": calib_s}
+           "calib_seconds": calib_s, "seed": seed}
     if args.finetune_steps:
         steps = args.finetune_steps
         fcfg = FinetuneConfig(steps=steps, batch_size=args.finetune_batch, learning_rate=FINETUNE_LR,
-                              warmup_steps=min(FINETUNE_WARMUP, steps), seed=args.seed)
+                              warmup_steps=min(FINETUNE_WARMUP, steps), seed=seed)
         lora, _ = finetune(res.params, res.lora, data["train"], config, fcfg)
         row["perplexity_finetuned"] = perplexity_ids(res.params, data["eval"], config=config, lora=lora,
                                                      batch_size=EVAL_BATCH).perplexity
@@ -167,8 +180,13 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("nsamples", "seqlen", "epochs", "eval_windows", "finetune_steps", "finetune_batch", "group_size", "seed")
+    keys = ("nsamples", "seqlen", "epochs", "eval_windows", "finetune_steps", "finetune_batch", "group_size")
     return {k: getattr(args, k) for k in keys}
+
+
+def row_seed(row: dict[str, Any]) -> int:
+    """The seed a row was run with (rows written before ``--seeds`` kept it in their settings; else 0)."""
+    return int(row.get("seed", row.get("settings", {}).get("seed", 0)))
 
 
 def _load_rows(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,14 +194,32 @@ def _load_rows(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for r in rows:
-        if r["settings"] != settings:
+        if {k: v for k, v in r["settings"].items() if k != "seed"} != settings:
             raise SystemExit(f"{path} holds rows of other settings ({r['settings']}); pass another --out or the "
                              f"same settings to resume")
     return rows
 
 
 def _cell(rows: list[dict[str, Any]], model: str, bits: int, rank: int) -> dict[str, dict[str, Any]]:
-    return {r["variant"]: r for r in rows if r["model"] == model and r["bits"] == bits and r["rank"] == rank}
+    """One (bits, rank) cell: per variant, its row, or over several seeds the mean row.
+
+    Perplexities are averaged geometrically (the perplexity of the mean loss over seeds), activation
+    errors arithmetically; ``seeds`` lists the seeds and ``perplexity_range`` the (min, max).
+    """
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["model"] == model and r["bits"] == bits and r["rank"] == rank:
+            by.setdefault(r["variant"], []).append(r)
+    cell = {}
+    for k, rs in by.items():
+        mean = {"seeds": sorted(row_seed(r) for r in rs),
+                "perplexity_range": (min(r["perplexity"] for r in rs), max(r["perplexity"] for r in rs)),
+                "mean_activation_error": sum(r["mean_activation_error"] for r in rs) / len(rs)}
+        for field in ("perplexity", "perplexity_finetuned"):
+            if all(field in r for r in rs):
+                mean[field] = math.exp(sum(math.log(r[field]) for r in rs) / len(rs))
+        cell[k] = mean
+    return cell
 
 
 def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: list[int]) -> str:
@@ -195,10 +231,12 @@ def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: l
       bits_list, ranks: the grid.
 
     Returns:
-      The table, then one line per (bits, rank) with the mean activation errors.
+      The table (over several seeds, the geometric mean of each variant's perplexities), the same table
+      of mean activation errors, and with several seeds a table of each perplexity's lowest-highest.
     """
     head = "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |"
     lines = [head, "|---:|---:|" + "---:|" * len(VARIANTS)]
+    spreads: list[str] = []
     errs = ["", "mean activation error (held-out windows):", "",
             "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |", "|---:|---:|" + "---:|" * len(VARIANTS)]
     for b in bits_list:
@@ -217,6 +255,13 @@ def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: l
                 ecells.append(f"{c[k]['mean_activation_error']:.3f}")
             lines.append(f"| {b} | {r} | " + " | ".join(cells) + " |")
             errs.append(f"| {b} | {r} | " + " | ".join(ecells) + " |")
+            spreads.append(f"| {b} | {r} | " + " | ".join(
+                f"{c[k]['perplexity_range'][0]:.2f}-{c[k]['perplexity_range'][1]:.2f}" if k in c else "-"
+                for k, *_ in VARIANTS) + " |")
+    seeds = sorted({row_seed(r) for r in rows if r["model"] == model})
+    if len(seeds) > 1:
+        errs += ["", f"perplexity after calibration, lowest-highest over seeds {seeds}:", "", lines[0], lines[1],
+                 *spreads]
     return "\n".join(lines + errs)
 
 
@@ -231,13 +276,14 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
     Returns:
       ``{"apiq_best_before": k, "apiq_best_after": k, "started_beats_plain": k, "cells": n}``: in how many of
       the n cells the best ApiQ variant is at or below the best baseline (before / after finetuning), and
-      ApiQ-bw from LoftQ or CLoQ is at or below plain ApiQ-bw (before finetuning).
+      ApiQ-bw from LoftQ or CLoQ is at or below plain ApiQ-bw (before finetuning). With several seeds the
+      cells' mean perplexities are compared, and a cell counts once every required variant has the same seeds.
     """
     out = {"apiq_best_before": 0, "apiq_best_after": 0, "started_beats_plain": 0, "cells": 0}
     for b in bits_list:
         for r in ranks:
             c = _cell(rows, model, b, r)
-            if not all(k in c for k in REQUIRED):
+            if not all(k in c for k in REQUIRED) or len({tuple(c[k]["seeds"]) for k in REQUIRED}) != 1:
                 continue
             out["cells"] += 1
             for field, name in (("perplexity", "apiq_best_before"), ("perplexity_finetuned", "apiq_best_after")):
@@ -308,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-steps", type=int, default=50)
     ap.add_argument("--finetune-batch", type=int, default=FINETUNE_BATCH, help=f"default {FINETUNE_BATCH} (the demo's)")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, each a full run (default 0)")
     ap.add_argument("--shared", default=str(_shared_default()))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "sweep"))
     ap.add_argument("--report-only", action="store_true", help="run nothing: tables and heat maps of the rows so far")
@@ -332,6 +378,12 @@ def main() -> None:
     variants = [v for v in VARIANTS if v[0] in keys]
     if len(variants) != len(keys):
         raise SystemExit(f"--variants: unknown in {keys}; accepted: {', '.join(v[0] for v in VARIANTS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers >= 0") from None
+    if not seeds or min(seeds) < 0:
+        raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers >= 0")
     bits_list = [int(b) for b in args.bits.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     out = Path(args.out)
@@ -339,17 +391,17 @@ def main() -> None:
     settings = _settings(args)
     rows_path = out / "rows.jsonl"
     rows = _load_rows(rows_path, settings)
-    have = {(r["model"], r["bits"], r["rank"], r["variant"]) for r in rows}
-    jobs = [(m, b, r, v) for m in models for b in bits_list for r in ranks for v in variants
-            if (m, b, r, v[0]) not in have and not args.report_only]
+    have = {(r["model"], row_seed(r), r["bits"], r["rank"], r["variant"]) for r in rows}
+    jobs = [(m, s, b, r, v) for m in models for s in seeds for b in bits_list for r in ranks for v in variants
+            if (m, s, b, r, v[0]) not in have and not args.report_only]
     fp: dict[str, float] = {}
-    data: dict[str, Any] = {}
+    data: dict[tuple[str, int], Any] = {}
     with tqdm(total=len(jobs), desc="sweep", file=sys.stderr) as bar:
-        for m, b, r, v in jobs:
-            if m not in data:
-                data = {m: load_model(m, args)}
-            bar.set_postfix_str(f"{m} {b}-bit r={r} {v[0]}")
-            row = run_variant(data[m], v, b, r, args)
+        for m, s, b, r, v in jobs:
+            if (m, s) not in data:
+                data = {(m, s): load_model(m, args, s)}
+            bar.set_postfix_str(f"{m} seed {s} {b}-bit r={r} {v[0]}")
+            row = run_variant(data[m, s], v, b, r, args, s)
             row.update(model=m, settings=settings)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -361,14 +413,19 @@ def main() -> None:
 
     env = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, CPU ({platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores), jax {jax.__version__}, python {platform.python_version()}")
-    md = [f"settings: {json.dumps(settings)}", "", env, ""]
+    md = [f"settings: {json.dumps(settings)}, seeds {seeds}", "", env, ""]
     for m in models:
         d = load_model(m, args)
         fp[m] = full_precision_row(d["params"], d["config"], d["eval"])["perplexity"]
-        fig = figures(rows, m, bits_list, ranks)
-        png = heatmap(rows, m, bits_list, ranks, out / f"sweep_{m.lower()}.png", fp[m])
+        mine = [r for r in rows if r["model"] == m and row_seed(r) in seeds]
+        fig = figures(mine, m, bits_list, ranks)
+        png = heatmap(mine, m, bits_list, ranks, out / f"sweep_{m.lower()}.png", fp[m])
         md += [f"## {m} (full precision {fp[m]:.2f}; calibration {d['calib'].shape}, evaluation {d['eval'].shape})",
-               "", table(rows, m, bits_list, ranks), "", f"figures: {json.dumps(fig)}", f"heat map: {png}", ""]
+               "", table(mine, m, bits_list, ranks), "", f"figures: {json.dumps(fig)}"]
+        if len(seeds) > 1:
+            md += [f"figures of seed {s} alone: {json.dumps(figures([r for r in mine if row_seed(r) == s], m, bits_list, ranks))}"
+                   for s in seeds]
+        md += [f"heat map: {png}", ""]
     text = "\n".join(md)
     (out / "sweep.md").write_text(text + "\n")
     print(text)

@@ -57,3 +57,67 @@ def test_nf_variants_are_optional_apiq_columns():
         "apiq-bw-nf": ("apiq-bw", "default", "nf"), "apiq-bw-nf+loftq": ("apiq-bw", "loftq", "nf"),
         "apiq-bw-nf+cloq": ("apiq-bw", "cloq", "nf")}
     assert set(nf) <= set(sweep.APIQ) and not set(nf) & set(sweep.REQUIRED)
+
+
+def _seeded(ppl: dict[str, tuple[float, float]], seed: int, rank: int = 8) -> list[dict]:
+    return [{**r, "seed": seed} for r in _rows(ppl, rank=rank)]
+
+
+def test_several_seeds_are_compared_on_their_geometric_means():
+    """Seed 0 alone has plain ApiQ-bw ahead of both started variants; over seeds 0 and 1 the started one is
+    ahead on the mean (geometric: exp of the mean log perplexity), so the mean figure counts it."""
+    s0 = _seeded({**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (25.0, 17.0), "apiq-bw+loftq": (26.0, 17.5),
+                  "apiq-bw+cloq": (27.0, 18.0)}, 0)
+    s1 = _seeded({**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (36.0, 19.0), "apiq-bw+loftq": (25.0, 17.0),
+                  "apiq-bw+cloq": (28.0, 18.0)}, 1)
+    cell = sweep._cell(s0 + s1, "m", 2, 8)
+    assert cell["apiq-bw"]["seeds"] == [0, 1]
+    assert abs(cell["apiq-bw"]["perplexity"] - 30.0) < 1e-12  # sqrt(25 * 36)
+    assert abs(cell["apiq-bw+loftq"]["perplexity_finetuned"] - (17.5 * 17.0) ** 0.5) < 1e-12
+    assert cell["apiq-bw"]["perplexity_range"] == (25.0, 36.0)
+    assert abs(cell["apiq-bw"]["mean_activation_error"] - 0.305) < 1e-12
+    assert sweep.figures(s0, "m", [2], [8])["started_beats_plain"] == 0
+    assert sweep.figures(s0 + s1, "m", [2], [8])["started_beats_plain"] == 1
+    text = sweep.table(s0 + s1, "m", [2], [8])
+    assert "lowest-highest over seeds [0, 1]" in text and "| 25.00-36.00 |" in text
+    assert "lowest-highest" not in sweep.table(s0, "m", [2], [8])
+
+
+def test_a_cell_counts_only_when_its_variants_have_the_same_seeds():
+    s0 = _seeded({**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (25.0, 17.0), "apiq-bw+loftq": (26.0, 17.5),
+                  "apiq-bw+cloq": (27.0, 18.0)}, 0)
+    half = _seeded({"apiq-bw": (36.0, 19.0)}, 1)  # seed 1 under way: only one variant done
+    assert sweep.figures(s0 + half, "m", [2], [8])["cells"] == 0
+    assert sweep.figures(s0, "m", [2], [8])["cells"] == 1
+
+
+def test_rows_written_before_seeds_keep_theirs_in_the_settings():
+    assert sweep.row_seed({"settings": {"seed": 2}}) == 2
+    assert sweep.row_seed({"seed": 1, "settings": {}}) == 1
+    assert sweep.row_seed({}) == 0
+
+
+def test_bad_seeds_are_refused_in_one_line(monkeypatch, tmp_path):
+    import pytest
+
+    for bad in ("x", "-1", ","):
+        monkeypatch.setattr("sys.argv", ["sweep.py", "--seeds", bad, "--report-only", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match="--seeds: .* is not a comma-separated list of integers >= 0"):
+            sweep.main()
+
+
+def test_stories_seeds_draw_disjoint_blocks_of_calibration_rows(shared):
+    import argparse
+
+    import numpy as np
+    import pytest
+
+    root = shared("data", "tinystories260K", "calib.npy").parents[2]
+    args = argparse.Namespace(shared=str(root), nsamples=16, seqlen=32, eval_windows=2)
+    rows = np.load(root / "data" / "tinystories260K" / "calib.npy")
+    for seed in (0, 2):
+        calib = sweep.load_model("stories260K", args, seed)["calib"]
+        np.testing.assert_array_equal(calib, rows[16 * seed: 16 * seed + 16, :32])
+    top = len(rows) // 16
+    with pytest.raises(SystemExit, match=f"accepted seeds: 0..{top - 1}"):
+        sweep.load_model("stories260K", args, top)
