@@ -121,3 +121,13 @@ def test_stories_seeds_draw_disjoint_blocks_of_calibration_rows(shared):
     top = len(rows) // 16
     with pytest.raises(SystemExit, match=f"accepted seeds: 0..{top - 1}"):
         sweep.load_model("stories260K", args, top)
+
+
+def test_heat_map_colours_each_variant_by_its_place_in_the_row(tmp_path):
+    import numpy as np
+
+    nan = float("nan")
+    places = sweep.row_places([[3.0, 1.0, nan, 2.0], [5.0, 5.0, 4.0, nan]])
+    np.testing.assert_array_equal(places, [[3.0, 1.0, nan, 2.0], [2.0, 3.0, 1.0, nan]])
+    png = sweep.heatmap(_rows({**BASE, "apiq-bw": (29.0, 19.0)}), "m", [2], [8], tmp_path / "m.png", 20.0)
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
