@@ -20,7 +20,7 @@ it prints one Markdown table per model, checks the issue's figures and draws a h
 model (``sweep_<model>.png``).
 
     python benchmarks/sweep.py [--models stories260K,demo] [--bits 2,3] [--ranks 4,8,16,32]
-        [--nsamples 8] [--seqlen 128] [--epochs 2] [--eval-windows 16] [--finetune-steps 50] [--finetune-batch 8]
+        [--nsamples 32] [--seqlen 256] [--epochs 5] [--eval-windows 16] [--finetune-steps 50] [--finetune-batch 8]
         [--seeds 0] [--out benchmarks/sweep] [--shared DIR] [--report-only]
 """
 
@@ -371,9 +371,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--ranks", default="4,8,16,32")
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
-    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
-    ap.add_argument("--seqlen", type=int, default=128, help="tokens per window (default 128)")
-    ap.add_argument("--epochs", type=int, default=2, help="ApiQ epochs, every ApiQ variant (default 2)")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    ap.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    ap.add_argument("--epochs", type=int, default=5, help="ApiQ epochs, every ApiQ variant (default 5)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--finetune-steps", type=int, default=50)
     ap.add_argument("--finetune-batch", type=int, default=FINETUNE_BATCH, help=f"default {FINETUNE_BATCH} (the demo's)")
