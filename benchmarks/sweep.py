@@ -402,11 +402,8 @@ def main() -> None:
     variants = [v for v in VARIANTS if v[0] in keys]
     if len(variants) != len(keys):
         raise SystemExit(f"--variants: unknown in {keys}; accepted: {', '.join(v[0] for v in VARIANTS)}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers >= 0") from None
-    if not seeds or min(seeds) < 0:
+    seeds = [int(s) for s in args.seeds.split(",") if s.isdigit()]
+    if not seeds or len(seeds) != len(args.seeds.split(",")):
         raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers >= 0")
     bits_list = [int(b) for b in args.bits.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
