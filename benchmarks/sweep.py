@@ -61,6 +61,9 @@ BASELINES = ("rtn", "qlora", "loftq", "cloq")
 APIQ = ("apiq-lw", "apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq", "apiq-bw-nf", "apiq-bw-nf+loftq", "apiq-bw-nf+cloq")
 #: the variants every counted cell has (those on the method's own grid; the NF ApiQ ones are optional)
 REQUIRED = tuple(v[0] for v in VARIANTS if v[4] is None)
+#: plain ApiQ-bw and its two started variants, on the method's grid and on the NF grid
+BW = ("apiq-bw", "apiq-bw+loftq", "apiq-bw+cloq")
+NF_BW = ("apiq-bw-nf", "apiq-bw-nf+loftq", "apiq-bw-nf+cloq")
 MODELS = ("stories260K", "demo")
 #: the demo's finetuning schedule (apiq_jax.commands.demo)
 FINETUNE_BATCH, FINETUNE_LR, FINETUNE_WARMUP = 8, 3e-4, 10
@@ -278,13 +281,23 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
       the n cells the best ApiQ variant is at or below the best baseline (before / after finetuning), and
       ApiQ-bw from LoftQ or CLoQ is at or below plain ApiQ-bw (before finetuning). With several seeds the
       cells' mean perplexities are compared, and a cell counts once every required variant has the same seeds.
+      Where the n cells hold the three ApiQ-bw (NF) variants too (``nf_cells`` of them, same seeds), also
+      ``started_beats_plain_nf`` (the same comparison on the NF grid) and ``started_beats_plain_either_grid``
+      (the best started ApiQ-bw of both grids against the best plain one of both grids).
     """
     out = {"apiq_best_before": 0, "apiq_best_after": 0, "started_beats_plain": 0, "cells": 0}
+    nf = {"started_beats_plain_nf": 0, "started_beats_plain_either_grid": 0, "nf_cells": 0}
     for b in bits_list:
         for r in ranks:
             c = _cell(rows, model, b, r)
             if not all(k in c for k in REQUIRED) or len({tuple(c[k]["seeds"]) for k in REQUIRED}) != 1:
                 continue
+            if all(k in c and c[k]["seeds"] == c["apiq-bw"]["seeds"] for k in NF_BW):
+                ppl = {k: c[k]["perplexity"] for k in (*BW, *NF_BW)}
+                nf["nf_cells"] += 1
+                nf["started_beats_plain_nf"] += min(ppl[k] for k in NF_BW[1:]) <= ppl[NF_BW[0]]
+                nf["started_beats_plain_either_grid"] += (min(ppl[k] for k in (*BW[1:], *NF_BW[1:]))
+                                                          <= min(ppl[BW[0]], ppl[NF_BW[0]]))
             out["cells"] += 1
             for field, name in (("perplexity", "apiq_best_before"), ("perplexity_finetuned", "apiq_best_after")):
                 if all(field in c[k] for k in c):
@@ -292,6 +305,70 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
                         out[name] += 1
             if min(c["apiq-bw+loftq"]["perplexity"], c["apiq-bw+cloq"]["perplexity"]) <= c["apiq-bw"]["perplexity"]:
                 out["started_beats_plain"] += 1
+    return {**out, **nf} if nf["nf_cells"] else out
+
+
+def order_agreement(rows: list[dict[str, Any]], model: str, bits: int) -> tuple[int, int]:
+    """How often activation error and perplexity put two variants in the same order.
+
+    Pairs are taken within each (rank, seed) at ``bits`` (every variant against every other, ties
+    in either quantity left out). Where the agreement is near 1/2, perplexity differences between
+    variants say nothing about how well each reproduces the full-precision activations, the
+    quantity every ApiQ variant and CLoQ minimise.
+
+    Args:
+      rows: the sweep's rows (one per seed; not means).
+      model: the model name.
+      bits: the bit width.
+
+    Returns:
+      ``(agreeing, pairs)``.
+    """
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["model"] == model and r["bits"] == bits:
+            groups.setdefault((r["rank"], row_seed(r)), []).append(r)
+    agree = pairs = 0
+    for rs in groups.values():
+        for i, x in enumerate(rs):
+            for y in rs[i + 1:]:
+                dp = x["perplexity"] - y["perplexity"]
+                de = x["mean_activation_error"] - y["mean_activation_error"]
+                if dp and de:
+                    pairs += 1
+                    agree += (dp > 0) == (de > 0)
+    return agree, pairs
+
+
+def temperature_perplexities(params: Any, config: Any, eval_ids: Any,
+                             temperatures: tuple[float, ...] = (0.95, 1.0, 1.05)) -> dict[float, float]:
+    """The full-precision model's perplexity with its logits divided by each temperature.
+
+    A yardstick for the table: how much perplexity moves when nothing changes but the sharpness of
+    the next-token distribution (a quantization error can sharpen or flatten it a little).
+
+    Args:
+      params: the dense params.
+      config: the model config.
+      eval_ids: evaluation windows ``[n, seqlen]``.
+      temperatures: the temperatures.
+
+    Returns:
+      ``{temperature: perplexity}`` (at 1.0 the model's own perplexity).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from apiq_jax.models.llama import forward
+
+    ids = jnp.asarray(eval_ids)
+    logits = jnp.asarray(forward(params, None, ids, config), jnp.float32)[:, :-1]
+    out = {}
+    for t in temperatures:
+        logp = jax.nn.log_softmax(logits / t, axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)
+        out[t] = float(np.exp(np.mean(np.asarray(nll, np.float64))))
     return out
 
 
@@ -446,7 +523,14 @@ def main() -> None:
         if len(seeds) > 1:
             md += [f"figures of seed {s} alone: {json.dumps(figures([r for r in mine if row_seed(r) == s], m, bits_list, ranks))}"
                    for s in seeds]
-        md += [f"heat map: {png}", ""]
+        for name, sel in (("any two variants", mine), ("two ApiQ-bw variants (both grids)",
+                                                          [r for r in mine if r["variant"] in (*BW, *NF_BW)])):
+            agreement = [(b, *order_agreement(sel, m, b)) for b in bits_list]
+            md.append(f"activation error and perplexity order {name} alike (same bits, rank and seed): " + ", ".join(
+                f"{b}-bit {a / n:.0%} of {n} pairs" for b, a, n in agreement if n))
+        temps = temperature_perplexities(d["params"], d["config"], d["eval"])
+        md += ["full-precision perplexity with the logits divided by a temperature: " + ", ".join(
+            f"T = {t:g}: {p:.2f}" for t, p in temps.items()), f"heat map: {png}", ""]
     text = "\n".join(md)
     (out / "sweep.md").write_text(text + "\n")
     print(text)

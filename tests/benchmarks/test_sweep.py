@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
+
 from tests.conftest import REPO_ROOT
 
 _spec = importlib.util.spec_from_file_location("sweep", REPO_ROOT / "benchmarks" / "sweep.py")
@@ -59,6 +61,31 @@ def test_nf_variants_are_optional_apiq_columns():
     assert set(nf) <= set(sweep.APIQ) and not set(nf) & set(sweep.REQUIRED)
 
 
+def test_started_against_plain_on_the_nf_grid_and_on_either_grid():
+    """Asymmetric grid: plain ApiQ-bw ahead (28 < 29, 30). NF grid: started ahead (26 <= 27). Either grid: the
+    best started (26) against the best plain (27, NF) counts; without all three NF rows no NF figures."""
+    asym = {**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (28.0, 18.1), "apiq-bw+loftq": (29.0, 18.2),
+            "apiq-bw+cloq": (30.0, 18.3)}
+    nf = {"apiq-bw-nf": (27.0, 18.0), "apiq-bw-nf+loftq": (26.0, 17.9), "apiq-bw-nf+cloq": (26.5, 17.8)}
+    fig = sweep.figures(_rows({**asym, **nf}), "m", [2], [8])
+    assert fig["started_beats_plain"] == 0
+    assert fig["started_beats_plain_nf"] == 1 and fig["started_beats_plain_either_grid"] == 1 and fig["nf_cells"] == 1
+    worse_nf = {**nf, "apiq-bw-nf+loftq": (27.5, 17.9), "apiq-bw-nf+cloq": (27.2, 17.8)}  # 27.2 > 27 and 27.2 > 26
+    fig = sweep.figures(_rows({**asym, **worse_nf}, rank=16) + _rows({**asym, **nf}), "m", [2], [8, 16])
+    assert (fig["started_beats_plain_nf"], fig["started_beats_plain_either_grid"], fig["nf_cells"]) == (1, 1, 2)
+    assert "nf_cells" not in sweep.figures(_rows({**asym, "apiq-bw-nf": (27.0, 18.0)}), "m", [2], [8])
+
+
+def test_order_agreement_counts_pairs_ordered_alike_by_error_and_perplexity():
+    rows = [{"model": "m", "bits": 3, "rank": 4, "seed": 0, "variant": k, "perplexity": p, "mean_activation_error": e}
+            for k, p, e in (("a", 10.0, 0.1), ("b", 11.0, 0.2), ("c", 10.5, 0.05), ("d", 10.5, 0.3))]
+    # pairs: ab agree, ac disagree, ad agree, bc agree, bd disagree, cd tie in perplexity (left out)
+    assert sweep.order_agreement(rows, "m", 3) == (3, 5)
+    other_seed = [{**r, "seed": 1, "variant": "x"} for r in rows[:1]]  # alone in its (rank, seed): no pair
+    assert sweep.order_agreement(rows + other_seed, "m", 3) == (3, 5)
+    assert sweep.order_agreement(rows, "m", 2) == (0, 0)
+
+
 def _seeded(ppl: dict[str, tuple[float, float]], seed: int, rank: int = 8) -> list[dict]:
     return [{**r, "seed": seed} for r in _rows(ppl, rank=rank)]
 
@@ -109,7 +136,6 @@ def test_bad_seeds_are_refused_in_one_line(monkeypatch, tmp_path):
 def test_stories_seeds_draw_disjoint_blocks_of_calibration_rows(shared):
     import argparse
 
-    import numpy as np
     import pytest
 
     root = shared("data", "tinystories260K", "calib.npy").parents[2]
@@ -124,10 +150,25 @@ def test_stories_seeds_draw_disjoint_blocks_of_calibration_rows(shared):
 
 
 def test_heat_map_colours_each_variant_by_its_place_in_the_row(tmp_path):
-    import numpy as np
 
     nan = float("nan")
     places = sweep.row_places([[3.0, 1.0, nan, 2.0], [5.0, 5.0, 4.0, nan]])
     np.testing.assert_array_equal(places, [[3.0, 1.0, nan, 2.0], [2.0, 3.0, 1.0, nan]])
     png = sweep.heatmap(_rows({**BASE, "apiq-bw": (29.0, 19.0)}), "m", [2], [8], tmp_path / "m.png", 20.0)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_temperature_perplexities_match_the_evaluator_at_one():
+    """At temperature 1 the yardstick is the model's own perplexity (apiq_jax.evaluate, independently
+    batched); sharpening or flattening the logits moves it."""
+    from apiq_jax.compare import full_precision_row
+    from apiq_jax.demo_data import DEMO_MODEL_DIR
+    from apiq_jax.models import load_pretrained
+
+    model = load_pretrained(DEMO_MODEL_DIR)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 32)).astype(np.int32)
+    temps = sweep.temperature_perplexities(model.params, model.config, ids, (0.5, 1.0, 2.0))
+    ref = full_precision_row(model.params, model.config, ids)["perplexity"]
+    assert abs(temps[1.0] - ref) / ref < 1e-5
+    assert temps[0.5] != temps[1.0] != temps[2.0]
