@@ -17,7 +17,7 @@ describes the layers and the data model):
   :func:`loftq_init`, :func:`gptq_init`; the registry :data:`METHODS` of
   :class:`MethodSpec` and :func:`get_method`;
 * evaluation (:mod:`apiq_jax.evaluate`): :func:`perplexity`, :func:`perplexity_ids`,
-  :func:`activation_errors`;
+  :func:`activation_errors`, :func:`kl_divergence`;
 * generation (:mod:`apiq_jax.generation`): :func:`generate` (KV cache, greedy or sampled)
   and its :class:`GenerationResult`;
 * finetuning (:mod:`apiq_jax.training`): :class:`FinetuneConfig`, :func:`finetune` (LoRA, or
@@ -47,7 +47,7 @@ from apiq_jax.calibration import (
     rtn_init,
 )
 from apiq_jax.data import load_tokenizer, windows
-from apiq_jax.evaluate import activation_errors, perplexity, perplexity_ids
+from apiq_jax.evaluate import activation_errors, kl_divergence, perplexity, perplexity_ids
 from apiq_jax.generation import GenerationResult, generate
 from apiq_jax.lora import Lora, LoraConfig, init_lora, lora_from_factors, merge_lora
 from apiq_jax.models import (
@@ -87,7 +87,7 @@ __all__ = [
     "METHODS", "ApiQOptions", "CalibrationReport", "CalibrationResult", "MethodSpec", "apiq_bw", "apiq_lw",
     "cloq_init", "get_method", "gptq_init", "loftq_init", "qlora_init", "rtn_init",
     # evaluation and finetuning
-    "FinetuneConfig", "activation_errors", "finetune", "perplexity", "perplexity_ids",
+    "FinetuneConfig", "activation_errors", "finetune", "kl_divergence", "perplexity", "perplexity_ids",
     # generation
     "GenerationResult", "generate",
     # other PEFT methods and QAT

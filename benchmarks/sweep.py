@@ -137,7 +137,8 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
       seed: QLoRA's random ``a`` and the finetuning order (the data's seed is ``data``'s).
 
     Returns:
-      The row (perplexity before/after finetuning, mean activation error, seconds, seed).
+      The row (perplexity before/after finetuning, mean activation error, the mean KL divergence of the
+      next-token distribution from the full-precision model's, seconds, seed).
     """
     import jax
     import numpy as np
@@ -145,7 +146,7 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
     from apiq_jax.calibration import ApiQOptions, get_method
     from apiq_jax.calibration.registry import LOFTQ_COMPARE_ITERATIONS
     from apiq_jax.compare import EVAL_BATCH, quantized_bits_per_param
-    from apiq_jax.evaluate import activation_errors, perplexity_ids
+    from apiq_jax.evaluate import activation_errors, kl_divergence, perplexity_ids
     from apiq_jax.lora import LoraConfig
     from apiq_jax.quant import QuantConfig
     from apiq_jax.training import FinetuneConfig, finetune
@@ -167,10 +168,11 @@ def run_variant(data: dict[str, Any], variant: tuple[str, str, str, str | None, 
     calib_s = time.perf_counter() - t0
     ppl = perplexity_ids(res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH).perplexity
     errs = activation_errors(params, res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH)
+    kl = kl_divergence(params, res.params, data["eval"], config=config, lora=res.lora, batch_size=EVAL_BATCH)
     row = {"variant": key, "label": label, "method": method, "lora_init": lora_init, "scheme": qcfg.scheme,
            "bits": bits, "rank": rank, "bits_per_param": quantized_bits_per_param(res.params), "perplexity": ppl,
            "mean_activation_error": float(np.mean(errs)), "activation_errors": [float(e) for e in errs],
-           "calib_seconds": calib_s, "seed": seed}
+           "kl_to_full_precision": kl, "calib_seconds": calib_s, "seed": seed}
     if args.finetune_steps:
         steps = args.finetune_steps
         fcfg = FinetuneConfig(steps=steps, batch_size=args.finetune_batch, learning_rate=FINETUNE_LR,
@@ -207,7 +209,7 @@ def _cell(rows: list[dict[str, Any]], model: str, bits: int, rank: int) -> dict[
     """One (bits, rank) cell: per variant, its row, or over several seeds the mean row.
 
     Perplexities are averaged geometrically (the perplexity of the mean loss over seeds), activation
-    errors arithmetically; ``seeds`` lists the seeds and ``perplexity_range`` the (min, max).
+    errors and KL divergences (rows that have them) arithmetically; ``seeds`` lists the seeds and ``perplexity_range`` the (min, max).
     """
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -221,6 +223,8 @@ def _cell(rows: list[dict[str, Any]], model: str, bits: int, rank: int) -> dict[
         for field in ("perplexity", "perplexity_finetuned"):
             if all(field in r for r in rs):
                 mean[field] = math.exp(sum(math.log(r[field]) for r in rs) / len(rs))
+        if all("kl_to_full_precision" in r for r in rs):
+            mean["kl_to_full_precision"] = sum(r["kl_to_full_precision"] for r in rs) / len(rs)
         cell[k] = mean
     return cell
 
@@ -240,6 +244,8 @@ def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: l
     head = "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |"
     lines = [head, "|---:|---:|" + "---:|" * len(VARIANTS)]
     spreads: list[str] = []
+    kls = ["", "mean KL divergence from the full-precision next-token distribution, nats per token (held-out "
+           "windows; rows that measured it):", "", lines[0], lines[1]]
     errs = ["", "mean activation error (held-out windows):", "",
             "| bits | rank | " + " | ".join(v[1] for v in VARIANTS) + " |", "|---:|---:|" + "---:|" * len(VARIANTS)]
     for b in bits_list:
@@ -258,6 +264,9 @@ def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: l
                 ecells.append(f"{c[k]['mean_activation_error']:.3f}")
             lines.append(f"| {b} | {r} | " + " | ".join(cells) + " |")
             errs.append(f"| {b} | {r} | " + " | ".join(ecells) + " |")
+            kls.append(f"| {b} | {r} | " + " | ".join(
+                f"{c[k]['kl_to_full_precision']:.4f}" if "kl_to_full_precision" in c.get(k, {}) else "-"
+                for k, *_ in VARIANTS) + " |")
             spreads.append(f"| {b} | {r} | " + " | ".join(
                 f"{c[k]['perplexity_range'][0]:.2f}-{c[k]['perplexity_range'][1]:.2f}" if k in c else "-"
                 for k, *_ in VARIANTS) + " |")
@@ -265,6 +274,8 @@ def table(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks: l
     if len(seeds) > 1:
         errs += ["", f"perplexity after calibration, lowest-highest over seeds {seeds}:", "", lines[0], lines[1],
                  *spreads]
+    if any("kl_to_full_precision" in r for r in rows if r["model"] == model):
+        errs += kls
     return "\n".join(lines + errs)
 
 
@@ -283,10 +294,13 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
       cells' mean perplexities are compared, and a cell counts once every required variant has the same seeds.
       Where the n cells hold the three ApiQ-bw (NF) variants too (``nf_cells`` of them, same seeds), also
       ``started_beats_plain_nf`` (the same comparison on the NF grid) and ``started_beats_plain_either_grid``
-      (the best started ApiQ-bw of both grids against the best plain one of both grids).
+      (the best started ApiQ-bw of both grids against the best plain one of both grids). Where ApiQ-bw and
+      its started variants measured the KL divergence (``kl_cells``), ``started_beats_plain_kl``: the same
+      comparison as ``started_beats_plain`` on the mean KL divergence from the full-precision model.
     """
     out = {"apiq_best_before": 0, "apiq_best_after": 0, "started_beats_plain": 0, "cells": 0}
     nf = {"started_beats_plain_nf": 0, "started_beats_plain_either_grid": 0, "nf_cells": 0}
+    kl = {"started_beats_plain_kl": 0, "kl_cells": 0}
     for b in bits_list:
         for r in ranks:
             c = _cell(rows, model, b, r)
@@ -305,7 +319,11 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
                         out[name] += 1
             if min(c["apiq-bw+loftq"]["perplexity"], c["apiq-bw+cloq"]["perplexity"]) <= c["apiq-bw"]["perplexity"]:
                 out["started_beats_plain"] += 1
-    return {**out, **nf} if nf["nf_cells"] else out
+            if all("kl_to_full_precision" in c[k] for k in BW):
+                kl["kl_cells"] += 1
+                kl["started_beats_plain_kl"] += (min(c[k]["kl_to_full_precision"] for k in BW[1:])
+                                                 <= c[BW[0]]["kl_to_full_precision"])
+    return {**out, **(nf if nf["nf_cells"] else {}), **(kl if kl["kl_cells"] else {})}
 
 
 def order_agreement(rows: list[dict[str, Any]], model: str, bits: int) -> tuple[int, int]:

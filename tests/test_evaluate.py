@@ -1,4 +1,4 @@
-"""Perplexity protocols and per-block activation error."""
+"""Perplexity protocols, per-block activation error and the KL divergence to the full-precision model."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from apiq_jax.evaluate import (
     PerplexityResult,
     activation_errors,
     block_outputs,
+    kl_divergence,
     perplexity,
     perplexity_ids,
     relative_error,
@@ -106,3 +107,36 @@ def test_block_outputs_and_activation_error(stories):
     x = outs[2]
     q_outs = block_outputs(frozen, ids, config=cfg, lora=lora)
     assert abs(relative_error(x, q_outs[2]) - errs[4][2]) < 1e-4 * errs[4][2] + 1e-9
+
+
+def test_kl_divergence_against_float64_from_torch_logits(stories):
+    """KL(p_fp || p_q) against float64 numpy on transformers' PyTorch logits (the reference) and the
+    quantized model's logits; zero for the model itself; larger at 2 bits than at 4; batch-invariant."""
+    torch = require_module("torch")
+    import transformers
+
+    path, model = stories
+    cfg, params = model.config, model.params
+    ids = np.load(require_shared("data", "tinystories260K", "eval.npy"))[:3, :48]
+    assert kl_divergence(model, model, ids) == 0.0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor(ids, dtype=torch.long)).logits[:, :-1].double().numpy()
+    lcfg = LoraConfig(rank=4, alpha=8)
+    kls = {}
+    for bits in (2, 4):
+        frozen, lora = quantize_model(params, QuantConfig(bits=bits, group_size=64), lcfg, key=jax.random.key(0))
+        kls[bits] = kl_divergence(model, frozen, ids, lora=lora, batch_size=2)  # batches of 2 + 1
+        q_logits = np.asarray(forward(frozen, lora, jnp.asarray(ids), cfg), np.float64)[:, :-1]
+
+        def log_softmax(x):
+            x = x - x.max(-1, keepdims=True)
+            return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+        lp, lq = log_softmax(ref_logits), log_softmax(q_logits)
+        ref = float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
+        assert abs(kls[bits] - ref) < 1e-3 * ref + 1e-6
+        assert abs(kl_divergence(model, frozen, ids, lora=lora, batch_size=3) - kls[bits]) < 1e-6 * kls[bits]
+    assert 0 < kls[4] < kls[2]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        kl_divergence(model, model, ids, batch_size=0)

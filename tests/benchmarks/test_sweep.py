@@ -76,6 +76,26 @@ def test_started_against_plain_on_the_nf_grid_and_on_either_grid():
     assert "nf_cells" not in sweep.figures(_rows({**asym, "apiq-bw-nf": (27.0, 18.0)}), "m", [2], [8])
 
 
+def test_kl_divergence_is_averaged_tabled_and_counted_where_measured():
+    """Rows with ``kl_to_full_precision`` get a KL table and the started-vs-plain count on KL (here the started
+    variant's KL is lower although its perplexity is higher); rows without it get neither."""
+    asym = {**BASE, "apiq-lw": (35.0, 25.0), "apiq-bw": (28.0, 18.1), "apiq-bw+loftq": (29.0, 18.2),
+            "apiq-bw+cloq": (30.0, 18.3)}
+    kl = {"apiq-bw": (0.02, 0.04), "apiq-bw+loftq": (0.01, 0.02), "apiq-bw+cloq": (0.03, 0.05)}
+    rows = []
+    for seed in (0, 1):
+        rows += [{**r, "seed": seed, **({"kl_to_full_precision": kl[r["variant"]][seed]} if r["variant"] in kl else {})}
+                 for r in _rows(asym)]
+    cell = sweep._cell(rows, "m", 2, 8)
+    assert abs(cell["apiq-bw"]["kl_to_full_precision"] - 0.03) < 1e-12 and "kl_to_full_precision" not in cell["rtn"]
+    fig = sweep.figures(rows, "m", [2], [8])
+    assert fig["started_beats_plain"] == 0 and fig["started_beats_plain_kl"] == 1 and fig["kl_cells"] == 1
+    text = sweep.table(rows, "m", [2], [8])
+    assert "| 2 | 8 | - | - | - | - | - | 0.0300 | 0.0150 | 0.0400 | - | - | - |" in text
+    plain = [{k: v for k, v in r.items() if k != "kl_to_full_precision"} for r in rows]
+    assert "kl_cells" not in sweep.figures(plain, "m", [2], [8]) and "KL" not in sweep.table(plain, "m", [2], [8])
+
+
 def test_order_agreement_counts_pairs_ordered_alike_by_error_and_perplexity():
     rows = [{"model": "m", "bits": 3, "rank": 4, "seed": 0, "variant": k, "perplexity": p, "mean_activation_error": e}
             for k, p, e in (("a", 10.0, 0.1), ("b", 11.0, 0.2), ("c", 10.5, 0.05), ("d", 10.5, 0.3))]

@@ -199,7 +199,9 @@ def test_offloaded_16bit_caches_and_fitted_lora_match_the_device_run(tiny, monke
         # the CLoQ start's Gram sums run in another order (chunks of 2 samples), so the losses (~1e-4, mean
         # squares) differ in float32 rounding: measured 3.7e-5 relative at most on an AVX-512 CPU, 1e-5 elsewhere
         np.testing.assert_allclose(a.loss_curve, b.loss_curve, rtol=1e-4)
-        np.testing.assert_allclose(a.error_after, b.error_after, rtol=1e-4)
+        # error_after is measured on the stream stored in bfloat16: an upstream float32 rounding difference
+        # flips a few of its bf16 roundings (2^-8 relative each); measured 1.05e-4 relative on an AVX-512 Xeon
+        np.testing.assert_allclose(a.error_after, b.error_after, rtol=5e-4)
     for la, lb in zip(runs[0].lora["layers"], runs[1].lora["layers"], strict=True):
         for n in LINEARS:
             # The LoRA products, not the factors: CLoQ's SVD of nearly equal singular values may rotate the
