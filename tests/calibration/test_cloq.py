@@ -43,11 +43,15 @@ def test_sequential_takes_x_from_the_quantized_model(tiny):
     fp = cloq_init(params, cfg, ids, qcfg, LCFG, key=None)
     seq = cloq_init(params, cfg, ids, qcfg, LCFG, key=None, sequential=True)
     assert seq.report.options["sequential"] is True
-    # block 0 sees the embeddings either way; block 1 sees different inputs
-    np.testing.assert_allclose(np.asarray(seq.lora["layers"][0]["q_proj"]["b"]),
-                               np.asarray(fp.lora["layers"][0]["q_proj"]["b"]), rtol=0, atol=1e-6)
-    assert not np.allclose(np.asarray(seq.lora["layers"][1]["q_proj"]["b"]),
-                           np.asarray(fp.lora["layers"][1]["q_proj"]["b"]), atol=1e-4)
+    # block 0 sees the embeddings either way; block 1 sees different inputs. The LoRA products are compared,
+    # not the factors: an SVD may return its singular vectors rotated between two runs under float32 rounding
+    def product(res, i):
+        f = res.lora["layers"][i]["q_proj"]
+        return np.asarray(f["a"] @ f["b"])
+
+    top = np.abs(product(fp, 0)).max()
+    np.testing.assert_allclose(product(seq, 0), product(fp, 0), rtol=0, atol=1e-5 * top)
+    assert np.abs(product(seq, 1) - product(fp, 1)).max() > 1e-2 * np.abs(product(fp, 1)).max()
 
 
 def test_registry_and_errors(tiny):
@@ -77,9 +81,11 @@ def test_svd_factors_are_loftqs_one_iteration(tiny):
     base = {n: fake_quantize(layer[n], qcfg) for n in LINEARS}
     got = block_lora_init("loftq", layer, base, LCFG)
     for n in LINEARS:
+        # two float32 SVDs of the same residual by different programs: measured 1.9e-5 of the largest
+        # entry apart on an AVX-512 Xeon (1e-5 elsewhere); a wrong rank or scale is off by O(1)
         want = np.asarray(ref.lora["layers"][1][n]["a"] @ ref.lora["layers"][1][n]["b"])
         np.testing.assert_allclose(np.asarray(got[n]["a"] @ got[n]["b"]), want, rtol=0,
-                                   atol=1e-5 * np.abs(want).max())
+                                   atol=1e-4 * np.abs(want).max())
     a, b = svd_factors(layer["q_proj"] - base["q_proj"], 4, LCFG.scale)
     assert a.shape == (64, 4) and b.shape == (4, 64)
 
