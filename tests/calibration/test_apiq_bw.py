@@ -204,11 +204,15 @@ def test_offloaded_16bit_caches_and_fitted_lora_match_the_device_run(tiny, monke
         np.testing.assert_allclose(a.error_after, b.error_after, rtol=5e-4)
     for la, lb in zip(runs[0].lora["layers"], runs[1].lora["layers"], strict=True):
         for n in LINEARS:
-            # The LoRA products, not the factors: CLoQ's SVD of nearly equal singular values may rotate the
-            # factors under float32 rounding (seen: factors 1.7e-4 apart, products 6e-6 apart, products ~8e-3)
-            pa, pb = (np.asarray(x[n].a @ x[n].b) for x in (la, lb))
+            # The LoRA products, not the factors, and as a whole: CLoQ's SVD of nearly equal singular values
+            # may rotate the factors under float32 rounding, and where the r-th and (r+1)-th are nearly equal
+            # the kept subspace turns a little (seen on an AVX-512 Xeon: products ~8e-3, 48 of 4096 entries
+            # up to 7.5e-5 apart, 3.1e-3 apart in Frobenius norm); a start fitted to other data or another base
+            # is O(1) away
+            pa, pb = (np.asarray(x[n].a @ x[n].b, np.float64) for x in (la, lb))
             assert np.abs(pa).max() > 1e-3
-            np.testing.assert_allclose(pa, pb, rtol=0, atol=2e-5)
+            rel = np.linalg.norm(pa - pb) / np.linalg.norm(pa)
+            assert rel < 1e-2, f"layer {n}: LoRA products {rel:.2e} apart (Frobenius, relative)"
     with pytest.raises(ValueError, match="offloading the activations is supported by apiq-bw, not apiq-lw"):
         calibrate_apiq("apiq-lw", lw_step, params, cfg, ids, TINY_QCFG, TINY_LCFG, key=jax.random.PRNGKey(0),
                        opts=opts, lora_init=None, work_dir=None, progress=False, on_block_end=None,
