@@ -297,6 +297,20 @@ def block_outputs(
                               backend=backend or default_backend())
 
 
+def _model_pair(fp_model: Any, q_model: Any, ids: Any, config: ModelConfig | None,
+                batch_size: Any) -> tuple[Mapping[str, Any], Mapping[str, Any], ModelConfig, np.ndarray]:
+    """Check the arguments of a comparison of two models (:func:`activation_errors`, :func:`kl_divergence`).
+
+    Returns:
+      ``(fp_params, q_params, config, ids as [n, seqlen] int32)``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    fp_params, cfg = _resolve(fp_model, config)
+    q_params, _ = _resolve(q_model, cfg)
+    return fp_params, q_params, cfg, _check_rows(ids, cfg.vocab_size)
+
+
 def activation_errors(
     fp_model: Any,
     q_model: Any,
@@ -329,11 +343,7 @@ def activation_errors(
       ValueError: a params pytree without ``config``, ids that are not ``[n, seqlen >= 2]``
         integers in ``[0, vocab_size)``, or a ``batch_size`` that is not a positive int.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    fp_params, cfg = _resolve(fp_model, config)
-    q_params, _ = _resolve(q_model, cfg)
-    arr = _check_rows(ids, cfg.vocab_size)
+    fp_params, q_params, cfg, arr = _model_pair(fp_model, q_model, ids, config, batch_size)
     num = np.zeros(cfg.num_hidden_layers)
     den = np.zeros(cfg.num_hidden_layers)
     backend = backend or default_backend()
@@ -388,13 +398,8 @@ def kl_divergence(
     slightly sharper or flatter distribution (e.g. at 3 and 4 bits).
 
     Args:
-      fp_model: the full-precision model or params (the reference).
-      q_model: the quantized model or frozen params.
-      ids: int token ids ``[n, seqlen]``.
-      config: the model config (required for params pytrees).
-      lora: the quantized model's :class:`~apiq_jax.lora.Lora`, or None.
-      batch_size: rows per forward pass.
-      backend: qmatmul backend of quantized linears.
+      fp_model, q_model, ids, config, lora, batch_size, backend: as for :func:`activation_errors`
+        (``fp_model`` is the reference, ``lora`` the quantized model's).
 
     Returns:
       The mean KL divergence in nats per predicted token.
@@ -410,11 +415,7 @@ def kl_divergence(
       >>> kl_divergence(model, model, [[1, 5, 9, 2]])
       0.0
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    fp_params, cfg = _resolve(fp_model, config)
-    q_params, _ = _resolve(q_model, cfg)
-    arr = _check_rows(ids, cfg.vocab_size)
+    fp_params, q_params, cfg, arr = _model_pair(fp_model, q_model, ids, config, batch_size)
     backend = backend or default_backend()
     total = 0.0
     for i in range(0, arr.shape[0], batch_size):
