@@ -4,7 +4,8 @@ For each model (stories260K from the shared folder, the bundled demo model), eac
 and each LoRA rank it calibrates with RTN, QLoRA, LoftQ, CLoQ, ApiQ-lw, ApiQ-bw and ApiQ-bw
 started from LoftQ's and from CLoQ's closed form (``ApiQOptions.lora_init``), the three ApiQ-bw
 variants also on the NormalFloat grid the baselines store (optional columns), and measures
-perplexity and the mean per-block activation error on held-out windows, then finetunes the
+perplexity, the mean per-block activation error and the KL divergence of the next-token
+distribution from the full-precision model's on held-out windows, then finetunes the
 LoRA factors (the demo's schedule: 50 steps, batch 8, peak LR 3e-4, 10 warm-up steps, cosine) and
 measures perplexity again. Every ApiQ variant gets the same calibration windows and epochs.
 
@@ -16,8 +17,10 @@ and the figures are counted on the means as well as per seed.
 
 Every finished row is appended to ``rows.jsonl`` under ``--out`` at once, so an interrupted
 sweep resumes where it stopped (rows whose settings differ are refused, not mixed). At the end
-it prints one Markdown table per model, checks the issue's figures and draws a heat map per
-model (``sweep_<model>.png``).
+it prints one Markdown table per model, checks the issue's figures (also on the NF grid, on
+either grid and on KL), says how often activation error and perplexity order two variants
+alike, gives the full-precision perplexity at logit temperature 0.95 / 1.05 as a yardstick,
+and draws a heat map per model (``sweep_<model>.png``).
 
     python benchmarks/sweep.py [--models stories260K,demo] [--bits 2,3] [--ranks 4,8,16,32]
         [--nsamples 32] [--seqlen 256] [--epochs 5] [--eval-windows 16] [--finetune-steps 50] [--finetune-batch 8]
