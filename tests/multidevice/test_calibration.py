@@ -23,8 +23,9 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64
 QCFG = QuantConfig(bits=2, group_size=32)
 LCFG = LoraConfig(rank=4)
 #: ||mesh - single||_F / ||single||_F of every LoRA factor and clip logit (float32; the loss terms
-#: and gradients of a data-parallel batch are summed in another order)
-RTOL = 1e-5
+#: and gradients of a data-parallel batch are summed in another order, and AdamW's first steps divide
+#: by a tiny second moment): measured up to 1.5e-5 on an AVX-512 Xeon, under 1e-5 on an AMD EPYC
+RTOL = 5e-5
 
 
 @pytest.fixture(scope="module")
