@@ -212,7 +212,8 @@ def _cell(rows: list[dict[str, Any]], model: str, bits: int, rank: int) -> dict[
     """One (bits, rank) cell: per variant, its row, or over several seeds the mean row.
 
     Perplexities are averaged geometrically (the perplexity of the mean loss over seeds), activation
-    errors and KL divergences (rows that have them) arithmetically; ``seeds`` lists the seeds and ``perplexity_range`` the (min, max).
+    errors and KL divergences (rows that have them) arithmetically; ``seeds`` lists the seeds and
+    ``perplexity_range`` the (min, max).
     """
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -310,23 +311,25 @@ def figures(rows: list[dict[str, Any]], model: str, bits_list: list[int], ranks:
             if not all(k in c for k in REQUIRED) or len({tuple(c[k]["seeds"]) for k in REQUIRED}) != 1:
                 continue
             if all(k in c and c[k]["seeds"] == c["apiq-bw"]["seeds"] for k in NF_BW):
-                ppl = {k: c[k]["perplexity"] for k in (*BW, *NF_BW)}
                 nf["nf_cells"] += 1
-                nf["started_beats_plain_nf"] += min(ppl[k] for k in NF_BW[1:]) <= ppl[NF_BW[0]]
-                nf["started_beats_plain_either_grid"] += (min(ppl[k] for k in (*BW[1:], *NF_BW[1:]))
-                                                          <= min(ppl[BW[0]], ppl[NF_BW[0]]))
+                nf["started_beats_plain_nf"] += _started_at_or_below_plain(c, "perplexity", NF_BW)
+                nf["started_beats_plain_either_grid"] += _started_at_or_below_plain(c, "perplexity", BW, NF_BW)
             out["cells"] += 1
             for field, name in (("perplexity", "apiq_best_before"), ("perplexity_finetuned", "apiq_best_after")):
                 if all(field in c[k] for k in c):
                     if min(c[k][field] for k in APIQ if k in c) <= min(c[k][field] for k in BASELINES):
                         out[name] += 1
-            if min(c["apiq-bw+loftq"]["perplexity"], c["apiq-bw+cloq"]["perplexity"]) <= c["apiq-bw"]["perplexity"]:
-                out["started_beats_plain"] += 1
+            out["started_beats_plain"] += _started_at_or_below_plain(c, "perplexity", BW)
             if all("kl_to_full_precision" in c[k] for k in BW):
                 kl["kl_cells"] += 1
-                kl["started_beats_plain_kl"] += (min(c[k]["kl_to_full_precision"] for k in BW[1:])
-                                                 <= c[BW[0]]["kl_to_full_precision"])
+                kl["started_beats_plain_kl"] += _started_at_or_below_plain(c, "kl_to_full_precision", BW)
     return {**out, **(nf if nf["nf_cells"] else {}), **(kl if kl["kl_cells"] else {})}
+
+
+def _started_at_or_below_plain(cell: dict[str, dict[str, Any]], field: str, *grids: tuple[str, ...]) -> bool:
+    """Is the best started ApiQ-bw of ``grids`` at or below the best plain one (``grid[0]``) on ``field``?"""
+    return (min(cell[k][field] for g in grids for k in g[1:])
+            <= min(cell[g[0]][field] for g in grids))
 
 
 def order_agreement(rows: list[dict[str, Any]], model: str, bits: int) -> tuple[int, int]:
